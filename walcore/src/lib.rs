@@ -1,0 +1,33 @@
+//! walcore: WAL archiving and point-in-time recovery for PostgreSQL, as a library.
+//!
+//! Data flows through the modules in this order:
+//!
+//! ```text
+//! PostgreSQL ──archive_command──▶ ops::archive ─┐
+//!                                              │  pg (names, LSNs, page headers: pure)
+//!                                              ▼
+//!                          codec (chunk → compress → encrypt → frame, on all cores)
+//!                                              │
+//!                                              ▼
+//!                          store (object keys, create-only writes, retries) ──▶ repository
+//!                                              │
+//! PostgreSQL ◀──restore_command── ops::restore ◀┘  (verify → decrypt → decompress → fsync → rename)
+//! ```
+//!
+//! - [`pg`]: PostgreSQL vocabulary: LSNs, timelines, WAL file names, WAL page headers.
+//! - [`codec`]: the object envelope of `docs/FORMAT.md`.
+//! - [`store`]: where objects live (`file://`, `s3://`, `gs://`, `az://`) and their keys.
+//! - [`repo`]: a repository: a store, a codec and the cluster's metadata.
+//! - [`config`]: one configuration for every binary (flags, `WALCORE_*`, TOML).
+//! - [`ops`]: one operation per binary; [`exit`] maps their errors to exit codes.
+
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod ops;
+pub mod pg;
+pub mod repo;
+pub mod store;
+
+pub use error::{Error, ErrorKind};

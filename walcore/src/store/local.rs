@@ -1,0 +1,241 @@
+//! A repository in a local (or mounted) file system: `file:///path`.
+//!
+//! Create-only writes: the object is written to a temporary file beside its final name,
+//! fsynced, hard-linked into place (`link` fails if the name exists, atomically), the temporary
+//! name removed, and the directory fsynced. A crash leaves at most a temporary file, never a
+//! partial object under a real name.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{PutOutcome, StoreError};
+
+/// Prefix of temporary files; readers and listings skip names starting with it.
+pub const TEMP_PREFIX: &str = ".tmp.";
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: PathBuf) -> LocalStore {
+        LocalStore { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Opens an object for reading. `NotFound` only when the file is absent and the repository
+    /// root itself is there (an unmounted or missing root is an error, not an absence).
+    pub fn open(&self, key: &str) -> Result<File, StoreError> {
+        match File::open(self.path(key)) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match fs::metadata(&self.root) {
+                    Ok(m) if m.is_dir() => Err(StoreError::NotFound),
+                    Ok(_) => Err(StoreError::Permanent(format!(
+                        "repository root {} is not a directory",
+                        self.root.display()
+                    ))),
+                    Err(e) => Err(StoreError::Permanent(format!(
+                        "repository root {}: {e}",
+                        self.root.display()
+                    ))),
+                }
+            }
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// Reads a whole object.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let mut f = self.open(key)?;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map_err(io_error)?;
+        Ok(v)
+    }
+
+    /// Writes an object create-only; its bytes come from `produce`. Returns what `produce`
+    /// returned, and whether the object was created or already existed (then nothing changed).
+    pub fn put_create_with<T, E>(
+        &self,
+        key: &str,
+        produce: impl FnOnce(&mut dyn Write) -> Result<T, E>,
+    ) -> Result<(PutOutcome, T), PutError<E>> {
+        let target = self.path(key);
+        let dir = target
+            .parent()
+            .ok_or_else(|| PutError::Store(StoreError::Permanent(format!("bad key {key}"))))?
+            .to_path_buf();
+        create_dir_durable(&dir, &self.root).map_err(|e| PutError::Store(io_error(e)))?;
+        let file_name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut suffix = [0u8; 8];
+        getrandom::fill(&mut suffix)
+            .map_err(|e| PutError::Store(StoreError::Permanent(format!("no randomness: {e}"))))?;
+        let temp = dir.join(format!("{TEMP_PREFIX}{file_name}.{}", hex::encode(suffix)));
+        let result = (|| {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(|e| PutError::Store(io_error(e)))?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let value = produce(&mut w).map_err(PutError::Produce)?;
+            let file = w
+                .into_inner()
+                .map_err(|e| PutError::Store(io_error(e.into_error())))?;
+            file.sync_all().map_err(|e| PutError::Store(io_error(e)))?;
+            drop(file);
+            let outcome = match fs::hard_link(&temp, &target) {
+                Ok(()) => PutOutcome::Created,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                Err(e) => return Err(PutError::Store(io_error(e))),
+            };
+            Ok((outcome, value))
+        })();
+        // The temporary name goes whatever happened; the object (if linked) stays.
+        let _ = fs::remove_file(&temp);
+        let (outcome, value) = result?;
+        if outcome == PutOutcome::Created {
+            fsync_dir(&dir).map_err(|e| PutError::Store(io_error(e)))?;
+        }
+        Ok((outcome, value))
+    }
+
+    /// Whether an object exists, and its size.
+    pub fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match fs::metadata(self.path(key)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
+    /// Keys under a prefix (a directory), sorted; temporary files are skipped.
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let start = self.path(prefix.trim_end_matches('/'));
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_error)?;
+                let path = entry.path();
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                if entry.file_type().map_err(io_error)?.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&self.root) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A failed create-only write: the store failed, or the producer of the bytes did.
+#[derive(Debug)]
+pub enum PutError<E> {
+    Store(StoreError),
+    Produce(E),
+}
+
+fn io_error(e: io::Error) -> StoreError {
+    match e.kind() {
+        io::ErrorKind::PermissionDenied => StoreError::Permission(e.to_string()),
+        io::ErrorKind::NotFound => StoreError::NotFound,
+        _ => StoreError::Permanent(e.to_string()),
+    }
+}
+
+/// Creates `dir` and its missing parents below `root`, fsyncing each parent whose entries
+/// changed, so a new object's directory survives a crash.
+fn create_dir_durable(dir: &Path, root: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent()
+        && parent != root
+        && parent.starts_with(root)
+    {
+        create_dir_durable(parent, root)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                fsync_dir(parent)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Fsyncs a directory so that entries created in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_only_never_overwrites() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let put = |bytes: &'static [u8]| {
+            store
+                .put_create_with("a/b/c", |w| w.write_all(bytes))
+                .map(|(o, ())| o)
+                .map_err(|e| format!("{e:?}"))
+        };
+        assert_eq!(put(b"one").expect("put"), PutOutcome::Created);
+        assert_eq!(put(b"two").expect("put"), PutOutcome::AlreadyExists);
+        assert_eq!(store.get("a/b/c").expect("get"), b"one");
+        assert_eq!(store.list("a").expect("list"), vec!["a/b/c".to_string()]);
+        assert!(matches!(store.get("a/b/d"), Err(StoreError::NotFound)));
+        // No temporary files are left behind.
+        let names: Vec<_> = fs::read_dir(dir.path().join("a/b")).expect("dir").collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_root_is_not_an_absent_object() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().join("not-mounted"));
+        assert!(matches!(store.get("x"), Err(StoreError::Permanent(_))));
+    }
+
+    #[test]
+    fn a_failing_producer_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let r = store.put_create_with("k", |w| {
+            w.write_all(b"partial").map_err(|e| e.to_string())?;
+            Err::<(), _>("boom".to_string())
+        });
+        assert!(matches!(r, Err(PutError::Produce(ref m)) if m == "boom"));
+        assert!(store.head("k").expect("head").is_none());
+        assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+}

@@ -1,0 +1,302 @@
+//! Where objects live, and how they get there: create-only writes, whole-object reads, bounded
+//! retries. One front (`Store`) over a local file system and the cloud stores.
+
+pub mod keys;
+pub mod local;
+pub mod remote;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+pub use keys::{META_KEY, wal_key};
+pub use local::LocalStore;
+pub use remote::RemoteStore;
+
+use crate::error::{Error, ErrorKind};
+
+/// What a create-only write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object is now stored (durably, as the store defines it).
+    Created,
+    /// An object already had that key; it was left as it was.
+    AlreadyExists,
+}
+
+/// A store's failure, before it gets the object's name attached.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("permission denied: {0}")]
+    Permission(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Permanent(String),
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// The public error for this failure on `key` of `store`.
+    pub fn into_error(self, doing: &str, key: &str, store: &str) -> Error {
+        let kind = match &self {
+            StoreError::NotFound => ErrorKind::NotFound,
+            StoreError::Permission(_) => ErrorKind::Storage,
+            StoreError::Unavailable(_) => ErrorKind::Transient,
+            StoreError::Permanent(_) => ErrorKind::Storage,
+            StoreError::Config(_) => ErrorKind::Configuration,
+        };
+        Error::new(kind, format!("{doing} {key} in {store}: {self}"))
+    }
+}
+
+/// Settings of the store clients.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long transient failures of one request are retried (with backoff and jitter).
+    pub retry_time: Duration,
+    /// Longest a single request may take.
+    pub request_timeout: Duration,
+    /// Longest a connection attempt may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            retry_time: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Pieces in flight between the encoder thread and an upload.
+const PUT_QUEUE: usize = 4;
+/// Pieces in flight between a download and the decoder thread.
+const GET_QUEUE: usize = 8;
+/// Size of the pieces the encoder hands to an upload.
+const PUT_PIECE: usize = 1024 * 1024;
+
+/// A repository's store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Local(LocalStore),
+    Remote(RemoteStore),
+}
+
+impl Store {
+    /// A store from a repository URL: `file:///abs/path`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`.
+    pub fn from_url(text: &str, options: &StoreOptions) -> Result<Store, Error> {
+        let bad = |why: String| {
+            Error::new(
+                ErrorKind::Configuration,
+                format!("WALCORE_REPO '{text}' is not a usable repository URL: {why}"),
+            )
+        };
+        let url = url::Url::parse(text).map_err(|e| bad(e.to_string()))?;
+        match url.scheme() {
+            "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                    return Err(bad("a file:// URL must name a local absolute path, as file:///var/lib/walcore".into()));
+                }
+                let path = url
+                    .to_file_path()
+                    .map_err(|()| bad("not an absolute path".into()))?;
+                Ok(Store::Local(LocalStore::new(path)))
+            }
+            _ => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(bad("the URL names no bucket or container".into()));
+                }
+                RemoteStore::new(&url, options)
+                    .map(Store::Remote)
+                    .map_err(|e| bad(e.to_string()))
+            }
+        }
+    }
+
+    /// The store as a user wrote it, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Local(l) => format!("file://{}", l.root().display()),
+            Store::Remote(r) => r.url().to_string(),
+        }
+    }
+
+    /// Reads a whole (small) object into memory.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.get(&key)).await?.map(Bytes::from)
+            }
+            Store::Remote(r) => r.get(key).await,
+        }
+    }
+
+    /// Opens an object for streaming reads from a blocking thread. `NotFound` is decided before
+    /// any byte is read. Must be called inside a tokio runtime.
+    pub async fn open_reader(&self, key: &str) -> Result<Box<dyn Read + Send>, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                let f = blocking(move || l.open(&key)).await??;
+                Ok(Box::new(f))
+            }
+            Store::Remote(r) => {
+                let mut stream = r.get_stream(key).await?;
+                let (tx, rx) = tokio::sync::mpsc::channel(GET_QUEUE);
+                tokio::spawn(async move {
+                    while let Some(piece) = stream.next().await {
+                        let piece = piece.map_err(std::io::Error::other);
+                        let stop = piece.is_err();
+                        if tx.send(piece).await.is_err() || stop {
+                            break;
+                        }
+                    }
+                });
+                Ok(Box::new(ChannelReader {
+                    rx,
+                    current: Bytes::new(),
+                }))
+            }
+        }
+    }
+
+    /// Whether an object exists, and its size.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.head(&key)).await?
+            }
+            Store::Remote(r) => r.head(key).await,
+        }
+    }
+
+    /// Keys under a prefix, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let prefix = prefix.to_string();
+                blocking(move || l.list(&prefix)).await?
+            }
+            Store::Remote(r) => r.list(prefix).await,
+        }
+    }
+
+    /// Writes an object create-only. `produce` runs on a blocking thread and writes the bytes;
+    /// the call returns once the store has acknowledged the whole object (for a file system:
+    /// data and directory fsynced), or reports that the key already existed.
+    pub async fn put_create_with<T, F>(&self, key: &str, produce: F) -> Result<(PutOutcome, T), Error>
+    where
+        F: FnOnce(&mut dyn Write) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.describe();
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key_owned = key.to_string();
+                let r = blocking(move || l.put_create_with(&key_owned, produce))
+                    .await
+                    .map_err(|e| e.into_error("writing", key, &store))?;
+                r.map_err(|e| match e {
+                    local::PutError::Store(s) => s.into_error("writing", key, &store),
+                    local::PutError::Produce(e) => e,
+                })
+            }
+            Store::Remote(r) => {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PUT_QUEUE);
+                let producer = tokio::task::spawn_blocking(move || {
+                    let mut w = ChannelWriter {
+                        tx,
+                        buf: Vec::with_capacity(PUT_PIECE),
+                    };
+                    let value = produce(&mut w)?;
+                    w.flush().map_err(|e| Error::new(ErrorKind::Internal, format!("upload ended early: {e}")))?;
+                    Ok::<T, Error>(value)
+                });
+                let upload = r.put_stream(key, rx).await;
+                let value = producer
+                    .await
+                    .map_err(|e| Error::new(ErrorKind::Internal, format!("encoder thread failed: {e}")))?;
+                let outcome = upload.map_err(|e| e.into_error("writing", key, &store))?;
+                // The upload only completes after the producer sent everything, so a producer
+                // error with a finished upload cannot happen; check anyway.
+                Ok((outcome, value?))
+            }
+        }
+    }
+}
+
+/// Runs blocking file-system work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Permanent(format!("worker thread failed: {e}")))
+}
+
+/// The blocking side of a download: reads pieces a task receives.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(piece)) => self.current = piece,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The blocking side of an upload: gathers bytes into pieces and sends them to the uploader.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send_buf(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PUT_PIECE));
+        self.tx
+            .blocking_send(Bytes::from(piece))
+            .map_err(|_| std::io::Error::other("the upload stopped"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= PUT_PIECE {
+            self.send_buf()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buf()
+    }
+}

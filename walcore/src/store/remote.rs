@@ -1,0 +1,220 @@
+//! Cloud object stores through `object_store`: `s3://`, `gs://`, `az://` (and `azure://`,
+//! `abfs://` spellings object_store accepts). Credentials, region and endpoint come from the
+//! variables each cloud's own tools read (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use object_store::path::Path;
+use object_store::prefix::PrefixStore;
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
+
+use super::{PutOutcome, StoreError, StoreOptions};
+
+/// Encoded objects up to this size go up in one create-only `PUT` (`If-None-Match: *`); larger
+/// ones as a multipart upload, which stores cannot make create-only (see `put_stream`). A
+/// 16 MiB WAL segment, even incompressible, stays below it.
+pub const SINGLE_PUT_MAX: usize = 24 * 1024 * 1024;
+/// Part size of multipart uploads (S3 requires at least 5 MiB but for the last part).
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+static CRYPTO_PROVIDER: Once = Once::new();
+
+fn install_crypto_provider() {
+    CRYPTO_PROVIDER.call_once(|| {
+        // Another part of the process may have installed one already; either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn duration_text(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+impl RemoteStore {
+    pub fn new(url: &url::Url, options: &StoreOptions) -> Result<RemoteStore, StoreError> {
+        install_crypto_provider();
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 100,
+            retry_timeout: options.retry_time,
+        };
+        let timeout = duration_text(options.request_timeout);
+        let connect = duration_text(options.connect_timeout);
+        let bucket_url = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
+        let err = |e: object_store::Error| StoreError::Config(format!("{url}: {e}"));
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "s3" | "s3a" => Arc::new(
+                AmazonS3Builder::from_env()
+                    .with_url(bucket_url.as_str())
+                    .with_retry(retry)
+                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        &connect,
+                    )
+                    .build()
+                    .map_err(err)?,
+            ),
+            "gs" => Arc::new(
+                GoogleCloudStorageBuilder::from_env()
+                    .with_url(bucket_url.as_str())
+                    .with_retry(retry)
+                    .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(
+                        GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        &connect,
+                    )
+                    .build()
+                    .map_err(err)?,
+            ),
+            "az" | "azure" | "abfs" | "abfss" => Arc::new(
+                MicrosoftAzureBuilder::from_env()
+                    .with_url(bucket_url.as_str())
+                    .with_retry(retry)
+                    .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(
+                        AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                        &connect,
+                    )
+                    .build()
+                    .map_err(err)?,
+            ),
+            other => {
+                return Err(StoreError::Config(format!(
+                    "unsupported repository URL scheme '{other}' (use file://, s3://, gs:// or az://)"
+                )));
+            }
+        };
+        let prefix = url.path().trim_matches('/');
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            store
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        };
+        Ok(RemoteStore {
+            inner,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The whole object as a stream of byte pieces. `NotFound` is decided here, before any byte.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
+        Ok(result.into_stream().map(|r| r.map_err(map_error)).boxed())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
+        result.bytes().await.map_err(map_error)
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&Path::from(key)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
+    /// Create-only write of an object whose bytes arrive on `pieces`.
+    ///
+    /// Up to [`SINGLE_PUT_MAX`] bytes: one conditional `PUT`, atomic. Larger: the store is
+    /// asked first whether the key exists, then a multipart upload runs; a concurrent writer of
+    /// the same key in that window could be overwritten, which walcore's callers rule out by
+    /// comparing content after a conflict and by archiving each file from one process.
+    pub async fn put_stream(
+        &self,
+        key: &str,
+        mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<PutOutcome, StoreError> {
+        let path = Path::from(key);
+        let mut buffered: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        while let Some(piece) = pieces.recv().await {
+            total += piece.len();
+            buffered.push(piece);
+            if total > SINGLE_PUT_MAX {
+                break;
+            }
+        }
+        if total <= SINGLE_PUT_MAX {
+            let payload = PutPayload::from_iter(buffered);
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            return match self.inner.put_opts(&path, payload, opts).await {
+                Ok(_) => Ok(PutOutcome::Created),
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
+                Err(e) => Err(map_error(e)),
+            };
+        }
+        if self.head(key).await?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let upload = self.inner.put_multipart(&path).await.map_err(map_error)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        for piece in buffered {
+            writer.put(piece);
+        }
+        while let Some(piece) = pieces.recv().await {
+            writer.wait_for_capacity(4).await.map_err(map_error)?;
+            writer.put(piece);
+        }
+        writer.finish().await.map_err(map_error)?;
+        Ok(PutOutcome::Created)
+    }
+
+    /// Keys under a prefix, sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let mut stream = self.inner.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = stream.next().await {
+            out.push(meta.map_err(map_error)?.location.to_string());
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn map_error(e: object_store::Error) -> StoreError {
+    match e {
+        object_store::Error::NotFound { .. } => StoreError::NotFound,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            StoreError::Permission(e.to_string())
+        }
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            StoreError::Permanent(e.to_string())
+        }
+        object_store::Error::Generic { .. } => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Permanent(other.to_string()),
+    }
+}
