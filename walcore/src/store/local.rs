@@ -7,12 +7,15 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{PutOutcome, StoreError};
 
 /// Prefix of temporary files; readers and listings skip names starting with it.
 pub const TEMP_PREFIX: &str = ".tmp.";
+/// Stored objects are readable by the owner and group only, and never written again.
+const OBJECT_MODE: u32 = 0o440;
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -87,6 +90,7 @@ impl LocalStore {
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(OBJECT_MODE)
                 .open(&temp)
                 .map_err(|e| PutError::Store(io_error(e)))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);

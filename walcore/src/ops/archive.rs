@@ -1,0 +1,229 @@
+//! `archive_command`: PostgreSQL hands over a finished WAL file; it is checked, encoded and
+//! stored create-only. Success is reported only once the object is durable.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind};
+use crate::pg::{
+    SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, check_segment_header,
+    parse_long_page_header,
+};
+use crate::repo::Repository;
+use crate::store::{PutOutcome, wal_key};
+
+/// What archiving did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Archived {
+    /// Stored now.
+    Stored { key: String, bytes: u64, stored_bytes: u64 },
+    /// Already in the repository with identical content; nothing written.
+    AlreadyArchived { key: String },
+}
+
+/// Archives the WAL file at `path` (PostgreSQL's `%p`, relative to the data directory).
+pub async fn archive_file(repo: &Repository, path: &Path) -> Result<Archived, Error> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("{}: not a WAL file path", path.display()),
+            )
+        })?;
+    let name = WalFileName::parse(file_name).map_err(|e| {
+        Error::from(e).context(format!("refusing to archive {}", path.display()))
+    })?;
+    let key = wal_key(&name);
+    let span = tracing::info_span!("archive", file = %name);
+    let _enter = span.enter();
+
+    if matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial) {
+        check_segment_file(repo, path, &name).await?;
+    }
+
+    let path_buf = path.to_path_buf();
+    let outcome = repo
+        .with_retry(&format!("archiving {name}"), || push(repo, &path_buf, &key))
+        .await?;
+    match &outcome {
+        Archived::Stored { bytes, stored_bytes, .. } => tracing::info!(
+            key = %key,
+            bytes,
+            stored_bytes,
+            "archived"
+        ),
+        Archived::AlreadyArchived { .. } => {
+            tracing::info!(key = %key, "already archived with identical content")
+        }
+    }
+    Ok(outcome)
+}
+
+/// Checks a segment's first page against its name and the repository's cluster, recording the
+/// cluster at the first push.
+async fn check_segment_file(repo: &Repository, path: &Path, name: &WalFileName) -> Result<(), Error> {
+    let input = |e: io::Error| {
+        Error::new(ErrorKind::InvalidInput, format!("reading {}: {e}", path.display()))
+    };
+    let mut file = File::open(path).map_err(input)?;
+    let len = file.metadata().map_err(input)?.len();
+    let mut first = [0u8; SIZE_OF_XLOG_LONG_PHD];
+    file.read_exact(&mut first).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{}: too short for a WAL segment ({len} bytes): {e}", path.display()),
+        )
+    })?;
+    let header = parse_long_page_header(&first)
+        .map_err(|e| Error::from(e).context(format!("refusing to archive {name}")))?;
+    let meta = repo.meta_for_push(&header).await?;
+    let system_id = meta.system_id()?;
+    if header.system_id != system_id {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "refusing to archive {name}: it belongs to the cluster with system identifier {}, but repository {} holds the cluster {system_id}; use one repository (or prefix) per cluster",
+                header.system_id,
+                repo.store().describe()
+            ),
+        ));
+    }
+    let seg_size = meta.segment_size()?;
+    check_segment_header(
+        &first,
+        &SegmentExpectations {
+            name: name.clone(),
+            system_id: Some(system_id),
+            seg_size: Some(seg_size),
+        },
+    )
+    .map_err(|e| Error::from(e).context(format!("refusing to archive {name}")))?;
+    if name.is_segment() && len != u64::from(seg_size.bytes()) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "refusing to archive {name}: it is {len} bytes, a segment of this cluster is {}",
+                seg_size.bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One attempt: encode and store create-only; on a conflict compare contents.
+async fn push(repo: &Repository, path: &Path, key: &str) -> Result<Archived, Error> {
+    let codec = repo.codec().clone();
+    let name = key.to_string();
+    let source = path.to_path_buf();
+    let (outcome, summary) = repo
+        .store()
+        .put_create_with(key, move |w| {
+            let file = File::open(&source).map_err(|e| read_error(&source, e))?;
+            codec
+                .encode(&name, file, w)
+                .map_err(|e| encode_error(&source, e))
+        })
+        .await?;
+    match outcome {
+        PutOutcome::Created => Ok(Archived::Stored {
+            key: key.to_string(),
+            bytes: summary.plaintext_len,
+            stored_bytes: summary.stored_len,
+        }),
+        PutOutcome::AlreadyExists => compare_with_stored(repo, path, key, summary.plaintext_crc, summary.plaintext_len).await,
+    }
+}
+
+fn read_error(path: &Path, e: io::Error) -> Error {
+    Error::new(ErrorKind::InvalidInput, format!("reading {}: {e}", path.display()))
+}
+
+fn encode_error(path: &Path, e: crate::codec::CodecError) -> Error {
+    match e {
+        crate::codec::CodecError::Read(io) => read_error(path, io),
+        other => Error::from(other).context(format!("encoding {}", path.display())),
+    }
+}
+
+/// The key exists: identical content is success, anything else a loud conflict. The stored
+/// object is never touched.
+async fn compare_with_stored(
+    repo: &Repository,
+    path: &Path,
+    key: &str,
+    local_crc: u32,
+    local_len: u64,
+) -> Result<Archived, Error> {
+    let store = repo.store().describe();
+    let reader = repo
+        .store()
+        .open_reader(key)
+        .await
+        .map_err(|e| e.into_error("reading the already archived", key, &store))?;
+    let codec = repo.codec().clone();
+    let name = key.to_string();
+    let local = PathBuf::from(path);
+    let (summary, same) = tokio::task::spawn_blocking(move || {
+        let file = File::open(&local).map_err(|e| read_error(&local, e))?;
+        let mut cmp = CompareWriter {
+            other: io::BufReader::with_capacity(1 << 20, file),
+            same: true,
+            scratch: Vec::new(),
+        };
+        let summary = codec.decode(&name, reader, &mut cmp).map_err(Error::from)?;
+        // The local file must also end where the stored object ends.
+        let mut rest = [0u8; 1];
+        let longer = cmp.other.read(&mut rest).map_err(|e| read_error(&local, e))? > 0;
+        Ok::<_, Error>((summary, cmp.same && !longer))
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?
+    .map_err(|e| e.context(format!("{key} is already archived but could not be compared")))?;
+
+    if same && summary.plaintext_crc == local_crc && summary.plaintext_len == local_len {
+        return Ok(Archived::AlreadyArchived { key: key.to_string() });
+    }
+    Err(Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "{} is already archived in {store} with different content (stored: {} bytes, CRC-32 {:08x}; this file: {local_len} bytes, CRC-32 {local_crc:08x}); the stored object was left unchanged",
+            path.file_name().map_or_else(|| key.into(), |n| n.to_string_lossy()),
+            summary.plaintext_len,
+            summary.plaintext_crc,
+        ),
+    ))
+}
+
+/// A `Write` that compares what it is given with another reader's bytes.
+struct CompareWriter<R: Read> {
+    other: R,
+    same: bool,
+    scratch: Vec<u8>,
+}
+
+impl<R: Read> Write for CompareWriter<R> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.same {
+            self.scratch.resize(data.len(), 0);
+            let mut got = 0;
+            while got < data.len() {
+                let n = self.other.read(&mut self.scratch[got..])?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            if got < data.len() || self.scratch[..] != *data {
+                self.same = false;
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
