@@ -32,7 +32,11 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(exit::usage(Hook::Archive)) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(exit::usage(Hook::Archive))
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     let mut flags = Layer::default();

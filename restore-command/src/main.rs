@@ -33,7 +33,11 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             // Usage errors exit above 125 too: a mistyped restore_command must stop recovery.
-            return if e.use_stderr() { ExitCode::from(exit::usage(Hook::Restore)) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(exit::usage(Hook::Restore))
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     let mut flags = Layer::default();

@@ -77,17 +77,30 @@ impl Layer {
     /// The settings of a TOML file; unknown keys are an error (a typo must not silently
     /// disable encryption).
     pub fn from_toml(path: &str, text: &str) -> Result<Layer, Error> {
-        let bad = |why: String| Error::new(ErrorKind::Configuration, format!("configuration file {path}: {why}"));
+        let bad = |why: String| {
+            Error::new(
+                ErrorKind::Configuration,
+                format!("configuration file {path}: {why}"),
+            )
+        };
         let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         let mut layer = Layer::default();
         for (key, value) in table {
             if !KEYS.contains(&key.as_str()) {
-                return Err(bad(format!("unknown setting '{key}' (known: {})", KEYS.join(", "))));
+                return Err(bad(format!(
+                    "unknown setting '{key}' (known: {})",
+                    KEYS.join(", ")
+                )));
             }
             let text = match value {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
-                other => return Err(bad(format!("'{key}' must be a string or an integer, not {}", other.type_str()))),
+                other => {
+                    return Err(bad(format!(
+                        "'{key}' must be a string or an integer, not {}",
+                        other.type_str()
+                    )));
+                }
             };
             layer.origin.insert(key.clone(), format!("{key} in {path}"));
             layer.values.insert(key, text);
@@ -122,10 +135,16 @@ impl Resolver {
         })
     }
 
-    fn parse<T>(&self, key: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, Error> {
+    fn parse<T>(
+        &self,
+        key: &str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, Error> {
         match self.get(key) {
             None => Ok(default),
-            Some((v, origin)) => parse(v).map_err(|why| Error::new(ErrorKind::Configuration, format!("{origin}: {why}"))),
+            Some((v, origin)) => parse(v)
+                .map_err(|why| Error::new(ErrorKind::Configuration, format!("{origin}: {why}"))),
         }
     }
 }
@@ -142,7 +161,10 @@ impl Config {
         let mut layers = vec![flags, Layer::from_env(&env)];
         if let Some(path) = env("WALCORE_CONFIG").filter(|p| !p.is_empty()) {
             let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::new(ErrorKind::Configuration, format!("WALCORE_CONFIG: cannot read {path}: {e}"))
+                Error::new(
+                    ErrorKind::Configuration,
+                    format!("WALCORE_CONFIG: cannot read {path}: {e}"),
+                )
             })?;
             layers.push(Layer::from_toml(&path, &text)?);
         }
@@ -159,10 +181,16 @@ impl Config {
             })?;
         let compression = r.parse("compression", Compression::default(), |v| v.parse())?;
         let retry_time = r.parse("retry_time", Duration::from_secs(60), parse_duration)?;
-        let request_timeout = r.parse("request_timeout", Duration::from_secs(60), parse_duration)?;
+        let request_timeout =
+            r.parse("request_timeout", Duration::from_secs(60), parse_duration)?;
         let chunk_size = r.parse("chunk_size", DEFAULT_CHUNK_SIZE, |v| {
-            let n: u32 = v.trim().parse().map_err(|_| format!("'{v}' is not a number of bytes"))?;
-            if !(crate::codec::envelope::MIN_CHUNK_SIZE..=crate::codec::envelope::MAX_CHUNK_SIZE).contains(&n) {
+            let n: u32 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{v}' is not a number of bytes"))?;
+            if !(crate::codec::envelope::MIN_CHUNK_SIZE..=crate::codec::envelope::MAX_CHUNK_SIZE)
+                .contains(&n)
+            {
                 return Err(format!("chunk size {n} is outside 65536..=67108864"));
             }
             Ok(n)
@@ -196,10 +224,14 @@ impl Config {
 }
 
 fn load_key(r: &Resolver) -> Result<Option<Arc<MasterKey>>, Error> {
-    let given: Vec<(&str, (&str, &str))> = ["encryption_key", "encryption_key_file", "encryption_key_command"]
-        .into_iter()
-        .filter_map(|k| r.get(k).map(|v| (k, v)))
-        .collect();
+    let given: Vec<(&str, (&str, &str))> = [
+        "encryption_key",
+        "encryption_key_file",
+        "encryption_key_command",
+    ]
+    .into_iter()
+    .filter_map(|k| r.get(k).map(|v| (k, v)))
+    .collect();
     let conf = |msg: String| Error::new(ErrorKind::Configuration, msg);
     let (key, (value, origin)) = match given.as_slice() {
         [] => return Ok(None),
@@ -225,9 +257,16 @@ fn load_key(r: &Resolver) -> Result<Option<Arc<MasterKey>>, Error> {
                 .output()
                 .map_err(|e| conf(format!("{origin}: cannot run the key command: {e}")))?;
             if !out.status.success() {
-                return Err(conf(format!("{origin}: the key command failed ({})", out.status)));
+                return Err(conf(format!(
+                    "{origin}: the key command failed ({})",
+                    out.status
+                )));
             }
-            String::from_utf8(out.stdout).map_err(|_| conf(format!("{origin}: the key command printed something that is not text")))?
+            String::from_utf8(out.stdout).map_err(|_| {
+                conf(format!(
+                    "{origin}: the key command printed something that is not text"
+                ))
+            })?
         }
     };
     MasterKey::from_hex(&text)
@@ -257,14 +296,26 @@ mod tests {
     use super::*;
 
     fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
     fn flags_win_over_env_and_defaults_apply() {
         let mut flags = Layer::default();
         flags.set_flag("repo", "--repo", Some("file:///flag"));
-        let c = Config::load_with(flags, env(&[("WALCORE_REPO", "file:///env"), ("WALCORE_RETRY_TIME", "5s")])).expect("config");
+        let c = Config::load_with(
+            flags,
+            env(&[
+                ("WALCORE_REPO", "file:///env"),
+                ("WALCORE_RETRY_TIME", "5s"),
+            ]),
+        )
+        .expect("config");
         assert_eq!(c.repo, "file:///flag");
         assert_eq!(c.retry_time, Duration::from_secs(5));
         assert_eq!(c.compression, Compression::default());
@@ -275,9 +326,15 @@ mod tests {
     fn env_wins_over_file_and_file_keys_are_checked() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w.toml");
-        std::fs::write(&path, "repo = \"file:///file\"\ncompression = \"none\"\nchunk_size = 131072\n").expect("write");
+        std::fs::write(
+            &path,
+            "repo = \"file:///file\"\ncompression = \"none\"\nchunk_size = 131072\n",
+        )
+        .expect("write");
         let p: &'static str = Box::leak(path.to_string_lossy().into_owned().into_boxed_str());
-        let pairs: &'static [(&str, &str)] = Box::leak(vec![("WALCORE_CONFIG", p), ("WALCORE_COMPRESSION", "zstd:5")].into_boxed_slice());
+        let pairs: &'static [(&str, &str)] = Box::leak(
+            vec![("WALCORE_CONFIG", p), ("WALCORE_COMPRESSION", "zstd:5")].into_boxed_slice(),
+        );
         let c = Config::load_with(Layer::default(), env(pairs)).expect("config");
         assert_eq!(c.repo, "file:///file");
         assert_eq!(c.compression, Compression::Zstd { level: 5 });
@@ -285,20 +342,57 @@ mod tests {
 
         std::fs::write(&path, "repo = \"file:///x\"\nencryption_kye = \"00\"\n").expect("write");
         let e = Config::load_with(Layer::default(), env(pairs)).unwrap_err();
-        assert!(e.to_string().contains("unknown setting 'encryption_kye'"), "{e}");
+        assert!(
+            e.to_string().contains("unknown setting 'encryption_kye'"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_settings_name_the_setting() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[], "WALCORE_REPO"),
-            (&[("WALCORE_REPO", "file:///r"), ("WALCORE_COMPRESSION", "lz4")], "WALCORE_COMPRESSION"),
-            (&[("WALCORE_REPO", "file:///r"), ("WALCORE_ENCRYPTION_KEY", "abc")], "WALCORE_ENCRYPTION_KEY"),
-            (&[("WALCORE_REPO", "file:///r"), ("WALCORE_RETRY_TIME", "soon")], "WALCORE_RETRY_TIME"),
-            (&[("WALCORE_REPO", "file:///r"), ("WALCORE_ENCRYPTION_KEY_FILE", "/nonexistent/key")], "WALCORE_ENCRYPTION_KEY_FILE"),
-            (&[("WALCORE_REPO", "file:///r"), ("WALCORE_ENCRYPTION_KEY_COMMAND", "exit 3")], "WALCORE_ENCRYPTION_KEY_COMMAND"),
             (
-                &[("WALCORE_REPO", "file:///r"), ("WALCORE_ENCRYPTION_KEY", "00"), ("WALCORE_ENCRYPTION_KEY_FILE", "/k")],
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_COMPRESSION", "lz4"),
+                ],
+                "WALCORE_COMPRESSION",
+            ),
+            (
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_ENCRYPTION_KEY", "abc"),
+                ],
+                "WALCORE_ENCRYPTION_KEY",
+            ),
+            (
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_RETRY_TIME", "soon"),
+                ],
+                "WALCORE_RETRY_TIME",
+            ),
+            (
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_ENCRYPTION_KEY_FILE", "/nonexistent/key"),
+                ],
+                "WALCORE_ENCRYPTION_KEY_FILE",
+            ),
+            (
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_ENCRYPTION_KEY_COMMAND", "exit 3"),
+                ],
+                "WALCORE_ENCRYPTION_KEY_COMMAND",
+            ),
+            (
+                &[
+                    ("WALCORE_REPO", "file:///r"),
+                    ("WALCORE_ENCRYPTION_KEY", "00"),
+                    ("WALCORE_ENCRYPTION_KEY_FILE", "/k"),
+                ],
                 "more than one encryption key source",
             ),
         ];
@@ -314,7 +408,13 @@ mod tests {
     fn key_from_command() {
         let hex = "11".repeat(32);
         let cmd: &'static str = Box::leak(format!("echo {hex}").into_boxed_str());
-        let pairs: &'static [(&str, &str)] = Box::leak(vec![("WALCORE_REPO", "file:///r"), ("WALCORE_ENCRYPTION_KEY_COMMAND", cmd)].into_boxed_slice());
+        let pairs: &'static [(&str, &str)] = Box::leak(
+            vec![
+                ("WALCORE_REPO", "file:///r"),
+                ("WALCORE_ENCRYPTION_KEY_COMMAND", cmd),
+            ]
+            .into_boxed_slice(),
+        );
         let c = Config::load_with(Layer::default(), env(pairs)).expect("config");
         assert_eq!(
             c.key.expect("key").fingerprint(),

@@ -76,7 +76,10 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
         if f.alternate() {
-            let mut source = self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static));
+            let mut source = self
+                .source
+                .as_deref()
+                .map(|s| s as &(dyn std::error::Error + 'static));
             while let Some(s) = source {
                 write!(f, ": {s}")?;
                 source = s.source();
@@ -88,7 +91,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -58,9 +58,8 @@ impl RepoMeta {
     }
 
     pub fn segment_size(&self) -> Result<WalSegmentSize, Error> {
-        WalSegmentSize::new(self.wal_segment_size).map_err(|e| {
-            Error::new(ErrorKind::Integrity, format!("repository metadata: {e}"))
-        })
+        WalSegmentSize::new(self.wal_segment_size)
+            .map_err(|e| Error::new(ErrorKind::Integrity, format!("repository metadata: {e}")))
     }
 }
 
@@ -152,7 +151,10 @@ impl Repository {
         let (outcome, ()) = self
             .store
             .put_create_with(key, move |w| {
-                codec.encode(&name, &plain[..], w).map(|_| ()).map_err(Error::from)
+                codec
+                    .encode(&name, &plain[..], w)
+                    .map(|_| ())
+                    .map_err(Error::from)
             })
             .await?;
         Ok(outcome)
@@ -165,7 +167,10 @@ impl Repository {
                 let meta: RepoMeta = serde_json::from_slice(&bytes).map_err(|e| {
                     Error::new(
                         ErrorKind::Integrity,
-                        format!("repository metadata {META_KEY} in {}: {e}", self.store.describe()),
+                        format!(
+                            "repository metadata {META_KEY} in {}: {e}",
+                            self.store.describe()
+                        ),
                     )
                 })?;
                 if meta.format_version != 1 {

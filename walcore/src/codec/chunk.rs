@@ -42,7 +42,12 @@ fn nonce(index: u64, flags: u8) -> Nonce<aes_gcm::aead::consts::U12> {
 }
 
 impl ChunkContext {
-    pub(crate) fn new(header: Header, header_bytes: &[u8; HEADER_LEN], name: &str, object_key: Option<[u8; 32]>) -> ChunkContext {
+    pub(crate) fn new(
+        header: Header,
+        header_bytes: &[u8; HEADER_LEN],
+        name: &str,
+        object_key: Option<[u8; 32]>,
+    ) -> ChunkContext {
         let mut aad = Vec::with_capacity(HEADER_LEN + name.len());
         aad.extend_from_slice(header_bytes);
         aad.extend_from_slice(name.as_bytes());
@@ -66,7 +71,13 @@ impl ChunkContext {
     }
 
     /// Compresses and protects one chunk's plaintext; returns the payload.
-    pub(crate) fn seal(&self, compression: Compression, index: u64, flags: u8, plain: &[u8]) -> Result<Vec<u8>, CodecError> {
+    pub(crate) fn seal(
+        &self,
+        compression: Compression,
+        index: u64,
+        flags: u8,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, CodecError> {
         let mut z = match compression {
             Compression::None => {
                 let mut v = Vec::with_capacity(plain.len() + TAG_LEN);
@@ -91,7 +102,11 @@ impl ChunkContext {
 
     /// Verifies, decrypts and decompresses one chunk; checks its plaintext length.
     pub(crate) fn open(&self, record: ChunkRecord) -> Result<Vec<u8>, CodecError> {
-        let ChunkRecord { index, flags, payload } = record;
+        let ChunkRecord {
+            index,
+            flags,
+            payload,
+        } = record;
         let mut data = Vec::from(payload);
         match &self.cipher {
             None => {
@@ -99,7 +114,12 @@ impl ChunkContext {
                     return Err(CodecError::ChunkShort { index });
                 }
                 let split = data.len() - 4;
-                let stored = u32::from_be_bytes([data[split], data[split + 1], data[split + 2], data[split + 3]]);
+                let stored = u32::from_be_bytes([
+                    data[split],
+                    data[split + 1],
+                    data[split + 2],
+                    data[split + 3],
+                ]);
                 data.truncate(split);
                 if self.chunk_crc(index, flags, &data) != stored {
                     return Err(CodecError::ChunkChecksum { index });
@@ -126,8 +146,16 @@ impl ChunkContext {
             plain.len() == cs
         };
         if !ok {
-            let expected = if is_final { format!("1 to {cs} (final chunk)") } else { cs.to_string() };
-            return Err(CodecError::ChunkLength { index, got: plain.len(), expected });
+            let expected = if is_final {
+                format!("1 to {cs} (final chunk)")
+            } else {
+                cs.to_string()
+            };
+            return Err(CodecError::ChunkLength {
+                index,
+                got: plain.len(),
+                expected,
+            });
         }
         Ok(plain)
     }
@@ -137,7 +165,8 @@ fn compress(level: i32, plain: &[u8]) -> Result<Vec<u8>, CodecError> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            let c = zstd::bulk::Compressor::new(level).map_err(|e| CodecError::Compress(e.to_string()))?;
+            let c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| CodecError::Compress(e.to_string()))?;
             *slot = Some((level, c));
         }
         let Some((_, c)) = slot.as_mut() else {
@@ -145,7 +174,8 @@ fn compress(level: i32, plain: &[u8]) -> Result<Vec<u8>, CodecError> {
         };
         // Room for the compressed data plus the tag or CRC, so sealing never reallocates.
         let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(plain.len()) + TAG_LEN);
-        c.compress_to_buffer(plain, &mut out).map_err(|e| CodecError::Compress(e.to_string()))?;
+        c.compress_to_buffer(plain, &mut out)
+            .map_err(|e| CodecError::Compress(e.to_string()))?;
         Ok(out)
     })
 }
@@ -154,15 +184,24 @@ fn decompress(index: u64, data: &[u8], limit: usize) -> Result<Vec<u8>, CodecErr
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            let d = zstd::bulk::Decompressor::new().map_err(|e| CodecError::Decompress { index, message: e.to_string() })?;
+            let d = zstd::bulk::Decompressor::new().map_err(|e| CodecError::Decompress {
+                index,
+                message: e.to_string(),
+            })?;
             *slot = Some(d);
         }
         let Some(d) = slot.as_mut() else {
-            return Err(CodecError::Decompress { index, message: "no decompression context".into() });
+            return Err(CodecError::Decompress {
+                index,
+                message: "no decompression context".into(),
+            });
         };
         let mut out = Vec::with_capacity(limit);
         d.decompress_to_buffer(data, &mut out)
-            .map_err(|e| CodecError::Decompress { index, message: e.to_string() })?;
+            .map_err(|e| CodecError::Decompress {
+                index,
+                message: e.to_string(),
+            })?;
         Ok(out)
     })
 }

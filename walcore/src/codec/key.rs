@@ -34,7 +34,9 @@ impl fmt::Debug for Fingerprint {
 pub enum KeyError {
     #[error("an encryption key must be 64 hexadecimal characters (32 bytes); got {0} characters")]
     Length(usize),
-    #[error("an encryption key must be 64 hexadecimal characters; found a character that is not hexadecimal")]
+    #[error(
+        "an encryption key must be 64 hexadecimal characters; found a character that is not hexadecimal"
+    )]
     NotHex,
 }
 
@@ -109,7 +111,10 @@ mod tests {
     #[test]
     fn parses_hex_and_rejects_bad_keys() {
         let k = MasterKey::from_hex(&"ab".repeat(32)).expect("valid key");
-        assert_eq!(k.fingerprint(), MasterKey::from_bytes([0xab; 32]).fingerprint());
+        assert_eq!(
+            k.fingerprint(),
+            MasterKey::from_bytes([0xab; 32]).fingerprint()
+        );
         assert_eq!(
             MasterKey::from_hex(&"ab".repeat(31)).unwrap_err(),
             KeyError::Length(62)

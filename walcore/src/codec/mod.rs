@@ -50,7 +50,11 @@ impl std::str::FromStr for Compression {
             "zstd" => return Ok(Compression::default()),
             _ => {}
         }
-        let bad = || format!("'{s}' is not a compression setting; use 'none', 'zstd' or 'zstd:N' (N from -7 to 22)");
+        let bad = || {
+            format!(
+                "'{s}' is not a compression setting; use 'none', 'zstd' or 'zstd:N' (N from -7 to 22)"
+            )
+        };
         let level = s
             .strip_prefix("zstd:")
             .ok_or_else(bad)?
@@ -89,14 +93,20 @@ pub enum CodecError {
     ChunkSize(u32),
     #[error("invalid object header: {0}")]
     HeaderField(&'static str),
-    #[error("wrong key: the object was encrypted with the key of fingerprint {object}, the configured key has fingerprint {configured}")]
+    #[error(
+        "wrong key: the object was encrypted with the key of fingerprint {object}, the configured key has fingerprint {configured}"
+    )]
     WrongKey {
         object: Fingerprint,
         configured: Fingerprint,
     },
-    #[error("the object is encrypted (key fingerprint {object}) but no encryption key is configured")]
+    #[error(
+        "the object is encrypted (key fingerprint {object}) but no encryption key is configured"
+    )]
     KeyMissing { object: Fingerprint },
-    #[error("the object is not encrypted but an encryption key is configured; refusing an unauthenticated object")]
+    #[error(
+        "the object is not encrypted but an encryption key is configured; refusing an unauthenticated object"
+    )]
     Unencrypted,
     #[error("chunk {index}: unknown flags {flags:#04x}")]
     ChunkFlags { index: u64, flags: u8 },
@@ -104,7 +114,9 @@ pub enum CodecError {
     ChunkTooLarge { index: u64, len: u32, max: u32 },
     #[error("chunk {index}: checksum mismatch (corrupted)")]
     ChunkChecksum { index: u64 },
-    #[error("chunk {index}: authentication failed (corrupted, truncated, reordered, or stored under another name)")]
+    #[error(
+        "chunk {index}: authentication failed (corrupted, truncated, reordered, or stored under another name)"
+    )]
     ChunkAuth { index: u64 },
     #[error("chunk {index}: payload shorter than its tag or checksum")]
     ChunkShort { index: u64 },
@@ -122,7 +134,9 @@ pub enum CodecError {
     TrailerMissing,
     #[error("trailer checksum mismatch")]
     TrailerChecksum,
-    #[error("trailer says {expected_len} bytes with CRC-32 {expected_crc:08x}, decoded {got_len} bytes with CRC-32 {got_crc:08x}")]
+    #[error(
+        "trailer says {expected_len} bytes with CRC-32 {expected_crc:08x}, decoded {got_len} bytes with CRC-32 {got_crc:08x}"
+    )]
     TrailerMismatch {
         expected_len: u64,
         expected_crc: u32,

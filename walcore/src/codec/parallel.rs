@@ -143,7 +143,13 @@ mod tests {
                     n += 1;
                     Ok::<_, String>((n <= 100).then_some(n))
                 },
-                |x| if x == 50 { Err(format!("bad {x}")) } else { Ok(x) },
+                |x| {
+                    if x == 50 {
+                        Err(format!("bad {x}"))
+                    } else {
+                        Ok(x)
+                    }
+                },
                 |_| Ok(()),
             )
             .unwrap_err();

@@ -36,7 +36,12 @@ fn read_up_to(input: &mut impl Read, want: usize) -> Result<Vec<u8>, CodecError>
 
 impl Codec {
     /// Encodes `input` as the object named `name` (its key) into `output`.
-    pub fn encode(&self, name: &str, input: impl Read, output: impl Write) -> Result<Summary, CodecError> {
+    pub fn encode(
+        &self,
+        name: &str,
+        input: impl Read,
+        output: impl Write,
+    ) -> Result<Summary, CodecError> {
         let mut salt = [0u8; 32];
         if self.key.is_some() {
             getrandom::fill(&mut salt).map_err(|_| CodecError::Encrypt)?;
@@ -59,7 +64,11 @@ impl Codec {
                 Compression::None => CodecId::None,
                 Compression::Zstd { .. } => CodecId::Zstd,
             },
-            cipher: if self.key.is_some() { CipherId::Aes256Gcm } else { CipherId::None },
+            cipher: if self.key.is_some() {
+                CipherId::Aes256Gcm
+            } else {
+                CipherId::None
+            },
             chunk_size: self.chunk_size,
             fingerprint: self.key.as_ref().map(|k| k.fingerprint()),
             salt: if self.key.is_some() { salt } else { [0; 32] },
@@ -81,9 +90,15 @@ impl Codec {
             self.threads,
             self.threads * WINDOW_PER_THREAD,
             || {
-                let Some(chunk) = current.take() else { return Ok(None) };
+                let Some(chunk) = current.take() else {
+                    return Ok(None);
+                };
                 // Look one chunk ahead to know whether this one is the last.
-                let next = if chunk.len() == cs { read_up_to(&mut input, cs)? } else { Vec::new() };
+                let next = if chunk.len() == cs {
+                    read_up_to(&mut input, cs)?
+                } else {
+                    Vec::new()
+                };
                 let flags = if next.is_empty() { FLAG_FINAL } else { 0 };
                 if !next.is_empty() {
                     current = Some(next);
@@ -95,10 +110,13 @@ impl Codec {
                 Ok(Some(item))
             },
             |(index, flags, chunk): (u64, u8, Vec<u8>)| {
-                ctx.seal(compression, index, flags, &chunk).map(|p| (flags, p))
+                ctx.seal(compression, index, flags, &chunk)
+                    .map(|p| (flags, p))
             },
             |(flags, payload): (u8, Vec<u8>)| {
-                output.write_all(&ChunkRecord::prefix(payload.len(), flags)).map_err(CodecError::Write)?;
+                output
+                    .write_all(&ChunkRecord::prefix(payload.len(), flags))
+                    .map_err(CodecError::Write)?;
                 output.write_all(&payload).map_err(CodecError::Write)?;
                 stored_len += (5 + payload.len()) as u64;
                 Ok(())
@@ -109,7 +127,9 @@ impl Codec {
             plaintext_len: plain_len,
             plaintext_crc: crc.finalize(),
         };
-        output.write_all(&trailer.encode()).map_err(CodecError::Write)?;
+        output
+            .write_all(&trailer.encode())
+            .map_err(CodecError::Write)?;
         output.flush().map_err(CodecError::Write)?;
         stored_len += super::envelope::TRAILER_LEN as u64;
         Ok(Summary {
@@ -129,7 +149,12 @@ impl Codec {
     /// Decodes the object named `name` from `input`, writing plaintext to `output` as chunks are
     /// verified. The plaintext is only known good when this returns `Ok`: callers write to a
     /// temporary place and publish it after.
-    pub fn decode(&self, name: &str, mut input: impl Read, mut output: impl Write) -> Result<Summary, CodecError> {
+    pub fn decode(
+        &self,
+        name: &str,
+        mut input: impl Read,
+        mut output: impl Write,
+    ) -> Result<Summary, CodecError> {
         let mut frames = FrameReader {
             input: &mut input,
             deframer: Deframer::new(),
@@ -193,7 +218,9 @@ impl Codec {
         };
         // Everything after the trailer must be the end of the input.
         if frames.next_frame()?.is_some() {
-            return Err(CodecError::TrailingGarbage { offset: frames.stored_len });
+            return Err(CodecError::TrailingGarbage {
+                offset: frames.stored_len,
+            });
         }
         let got_crc = crc.finalize();
         if trailer.plaintext_len != plain_len || trailer.plaintext_crc != got_crc {

@@ -30,7 +30,11 @@ fn sample(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            if (i / 512) % 3 == 0 { (x & 0xff) as u8 } else { (i % 251) as u8 }
+            if (i / 512) % 3 == 0 {
+                (x & 0xff) as u8
+            } else {
+                (i % 251) as u8
+            }
         })
         .collect()
 }
@@ -69,7 +73,9 @@ fn summary_matches_the_trailer() {
     assert_eq!(s.plaintext_len, plain.len() as u64);
     assert_eq!(s.plaintext_crc, crc32fast::hash(&plain));
     assert_eq!(s.stored_len, stored.len() as u64);
-    let d = c.decode(NAME, &stored[..], std::io::sink()).expect("decode");
+    let d = c
+        .decode(NAME, &stored[..], std::io::sink())
+        .expect("decode");
     assert_eq!(d, s);
 }
 
@@ -107,7 +113,10 @@ proptest! {
 #[test]
 fn compression_setting_parses() {
     assert_eq!("none".parse::<Compression>(), Ok(Compression::None));
-    assert_eq!("zstd:7".parse::<Compression>(), Ok(Compression::Zstd { level: 7 }));
+    assert_eq!(
+        "zstd:7".parse::<Compression>(),
+        Ok(Compression::Zstd { level: 7 })
+    );
     assert_eq!("zstd".parse::<Compression>(), Ok(Compression::default()));
     for bad in ["zstd:0", "zstd:23", "gzip", "zstd:x", ""] {
         let e = bad.parse::<Compression>().unwrap_err();
@@ -135,22 +144,102 @@ const GOLDEN_PLAIN_LEN: usize = 2 * 65536 + 1000;
 fn vectors() -> Vec<Vector> {
     use CodecError as E;
     vec![
-        Vector { file: "plain-none.wco", key: None, name: NAME, expect: Ok(GOLDEN_PLAIN_LEN) },
-        Vector { file: "zstd-none.wco", key: None, name: NAME, expect: Ok(GOLDEN_PLAIN_LEN) },
-        Vector { file: "zstd-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Ok(GOLDEN_PLAIN_LEN) },
-        Vector { file: "empty-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Ok(0) },
-        Vector { file: "truncated-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::Truncated(_))) },
-        Vector { file: "missing-final-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::ChunkAuth { index: 1 })) },
-        Vector { file: "bad-tag-chunk2-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::ChunkAuth { index: 1 })) },
-        Vector { file: "trailing-garbage-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::TrailingGarbage { .. })) },
-        Vector { file: "unknown-version.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::UnsupportedVersion(2))) },
-        Vector { file: "zstd-aes.wco", key: Some(OTHER_KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::WrongKey { .. })) },
-        Vector { file: "zstd-aes.wco", key: Some(KEY_HEX), name: OTHER_NAME, expect: Err(|e| matches!(e, E::ChunkAuth { index: 0 })) },
-        Vector { file: "zstd-none.wco", key: None, name: OTHER_NAME, expect: Err(|e| matches!(e, E::ChunkChecksum { index: 0 })) },
-        Vector { file: "swapped-chunks-aes.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::ChunkAuth { index: 0 })) },
-        Vector { file: "bad-crc-chunk2-none.wco", key: None, name: NAME, expect: Err(|e| matches!(e, E::ChunkChecksum { index: 1 })) },
-        Vector { file: "zstd-aes.wco", key: None, name: NAME, expect: Err(|e| matches!(e, E::KeyMissing { .. })) },
-        Vector { file: "zstd-none.wco", key: Some(KEY_HEX), name: NAME, expect: Err(|e| matches!(e, E::Unencrypted)) },
+        Vector {
+            file: "plain-none.wco",
+            key: None,
+            name: NAME,
+            expect: Ok(GOLDEN_PLAIN_LEN),
+        },
+        Vector {
+            file: "zstd-none.wco",
+            key: None,
+            name: NAME,
+            expect: Ok(GOLDEN_PLAIN_LEN),
+        },
+        Vector {
+            file: "zstd-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Ok(GOLDEN_PLAIN_LEN),
+        },
+        Vector {
+            file: "empty-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Ok(0),
+        },
+        Vector {
+            file: "truncated-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::Truncated(_))),
+        },
+        Vector {
+            file: "missing-final-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::ChunkAuth { index: 1 })),
+        },
+        Vector {
+            file: "bad-tag-chunk2-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::ChunkAuth { index: 1 })),
+        },
+        Vector {
+            file: "trailing-garbage-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::TrailingGarbage { .. })),
+        },
+        Vector {
+            file: "unknown-version.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::UnsupportedVersion(2))),
+        },
+        Vector {
+            file: "zstd-aes.wco",
+            key: Some(OTHER_KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::WrongKey { .. })),
+        },
+        Vector {
+            file: "zstd-aes.wco",
+            key: Some(KEY_HEX),
+            name: OTHER_NAME,
+            expect: Err(|e| matches!(e, E::ChunkAuth { index: 0 })),
+        },
+        Vector {
+            file: "zstd-none.wco",
+            key: None,
+            name: OTHER_NAME,
+            expect: Err(|e| matches!(e, E::ChunkChecksum { index: 0 })),
+        },
+        Vector {
+            file: "swapped-chunks-aes.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::ChunkAuth { index: 0 })),
+        },
+        Vector {
+            file: "bad-crc-chunk2-none.wco",
+            key: None,
+            name: NAME,
+            expect: Err(|e| matches!(e, E::ChunkChecksum { index: 1 })),
+        },
+        Vector {
+            file: "zstd-aes.wco",
+            key: None,
+            name: NAME,
+            expect: Err(|e| matches!(e, E::KeyMissing { .. })),
+        },
+        Vector {
+            file: "zstd-none.wco",
+            key: Some(KEY_HEX),
+            name: NAME,
+            expect: Err(|e| matches!(e, E::Unencrypted)),
+        },
     ]
 }
 
@@ -159,7 +248,8 @@ fn chunk_spans(stored: &[u8]) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
     let mut at = HEADER_LEN;
     loop {
-        let len = u32::from_be_bytes([stored[at], stored[at + 1], stored[at + 2], stored[at + 3]]) as usize;
+        let len = u32::from_be_bytes([stored[at], stored[at + 1], stored[at + 2], stored[at + 3]])
+            as usize;
         let end = at + 5 + len;
         spans.push((at, end));
         if stored[at + 4] & 1 == 1 {
@@ -247,7 +337,13 @@ fn golden_vectors() {
                 assert_eq!(out.len(), len, "{}", v.file);
                 assert_eq!(out, plain[..len], "{}", v.file);
             }
-            (Err(check), Err(e)) => assert!(check(&e), "{} ({:?}, {}): wrong error: {e}", v.file, v.key.map(|_| "key"), v.name),
+            (Err(check), Err(e)) => assert!(
+                check(&e),
+                "{} ({:?}, {}): wrong error: {e}",
+                v.file,
+                v.key.map(|_| "key"),
+                v.name
+            ),
             (Ok(_), Err(e)) => panic!("{}: expected to decode, got {e}", v.file),
             (Err(_), Ok(_)) => panic!("{} with {}: decoded but must fail", v.file, v.name),
         }
@@ -256,18 +352,35 @@ fn golden_vectors() {
     // byte for byte, or the format changed.
     for (file, bytes) in build_vectors() {
         if file.ends_with("-none.wco") && file.starts_with("plain") {
-            assert_eq!(std::fs::read(dir.join(file)).expect("read"), bytes, "{file} changed");
+            assert_eq!(
+                std::fs::read(dir.join(file)).expect("read"),
+                bytes,
+                "{file} changed"
+            );
         }
     }
 }
 
 #[test]
 fn wrong_key_names_both_fingerprints() {
-    let stored = codec(Compression::default(), key(KEY_HEX)).encode_to_vec(NAME, b"x").expect("encode");
-    let e = codec(Compression::default(), key(OTHER_KEY_HEX)).decode_to_vec(NAME, &stored).unwrap_err();
+    let stored = codec(Compression::default(), key(KEY_HEX))
+        .encode_to_vec(NAME, b"x")
+        .expect("encode");
+    let e = codec(Compression::default(), key(OTHER_KEY_HEX))
+        .decode_to_vec(NAME, &stored)
+        .unwrap_err();
     let msg = e.to_string();
-    let a = MasterKey::from_hex(KEY_HEX).expect("key").fingerprint().to_string();
-    let b = MasterKey::from_hex(OTHER_KEY_HEX).expect("key").fingerprint().to_string();
-    assert!(msg.contains(&a) && msg.contains(&b) && msg.contains("wrong key"), "{msg}");
+    let a = MasterKey::from_hex(KEY_HEX)
+        .expect("key")
+        .fingerprint()
+        .to_string();
+    let b = MasterKey::from_hex(OTHER_KEY_HEX)
+        .expect("key")
+        .fingerprint()
+        .to_string();
+    assert!(
+        msg.contains(&a) && msg.contains(&b) && msg.contains("wrong key"),
+        "{msg}"
+    );
     assert!(!e.is_integrity());
 }

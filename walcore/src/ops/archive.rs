@@ -17,25 +17,25 @@ use crate::store::{PutOutcome, wal_key};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Archived {
     /// Stored now.
-    Stored { key: String, bytes: u64, stored_bytes: u64 },
+    Stored {
+        key: String,
+        bytes: u64,
+        stored_bytes: u64,
+    },
     /// Already in the repository with identical content; nothing written.
     AlreadyArchived { key: String },
 }
 
 /// Archives the WAL file at `path` (PostgreSQL's `%p`, relative to the data directory).
 pub async fn archive_file(repo: &Repository, path: &Path) -> Result<Archived, Error> {
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("{}: not a WAL file path", path.display()),
-            )
-        })?;
-    let name = WalFileName::parse(file_name).map_err(|e| {
-        Error::from(e).context(format!("refusing to archive {}", path.display()))
+    let file_name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{}: not a WAL file path", path.display()),
+        )
     })?;
+    let name = WalFileName::parse(file_name)
+        .map_err(|e| Error::from(e).context(format!("refusing to archive {}", path.display())))?;
     let key = wal_key(&name);
     let span = tracing::info_span!("archive", file = %name);
     let _enter = span.enter();
@@ -49,7 +49,11 @@ pub async fn archive_file(repo: &Repository, path: &Path) -> Result<Archived, Er
         .with_retry(&format!("archiving {name}"), || push(repo, &path_buf, &key))
         .await?;
     match &outcome {
-        Archived::Stored { bytes, stored_bytes, .. } => tracing::info!(
+        Archived::Stored {
+            bytes,
+            stored_bytes,
+            ..
+        } => tracing::info!(
             key = %key,
             bytes,
             stored_bytes,
@@ -64,9 +68,16 @@ pub async fn archive_file(repo: &Repository, path: &Path) -> Result<Archived, Er
 
 /// Checks a segment's first page against its name and the repository's cluster, recording the
 /// cluster at the first push.
-async fn check_segment_file(repo: &Repository, path: &Path, name: &WalFileName) -> Result<(), Error> {
+async fn check_segment_file(
+    repo: &Repository,
+    path: &Path,
+    name: &WalFileName,
+) -> Result<(), Error> {
     let input = |e: io::Error| {
-        Error::new(ErrorKind::InvalidInput, format!("reading {}: {e}", path.display()))
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("reading {}: {e}", path.display()),
+        )
     };
     let mut file = File::open(path).map_err(input)?;
     let len = file.metadata().map_err(input)?.len();
@@ -74,7 +85,10 @@ async fn check_segment_file(repo: &Repository, path: &Path, name: &WalFileName) 
     file.read_exact(&mut first).map_err(|e| {
         Error::new(
             ErrorKind::InvalidInput,
-            format!("{}: too short for a WAL segment ({len} bytes): {e}", path.display()),
+            format!(
+                "{}: too short for a WAL segment ({len} bytes): {e}",
+                path.display()
+            ),
         )
     })?;
     let header = parse_long_page_header(&first)
@@ -133,12 +147,24 @@ async fn push(repo: &Repository, path: &Path, key: &str) -> Result<Archived, Err
             bytes: summary.plaintext_len,
             stored_bytes: summary.stored_len,
         }),
-        PutOutcome::AlreadyExists => compare_with_stored(repo, path, key, summary.plaintext_crc, summary.plaintext_len).await,
+        PutOutcome::AlreadyExists => {
+            compare_with_stored(
+                repo,
+                path,
+                key,
+                summary.plaintext_crc,
+                summary.plaintext_len,
+            )
+            .await
+        }
     }
 }
 
 fn read_error(path: &Path, e: io::Error) -> Error {
-    Error::new(ErrorKind::InvalidInput, format!("reading {}: {e}", path.display()))
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("reading {}: {e}", path.display()),
+    )
 }
 
 fn encode_error(path: &Path, e: crate::codec::CodecError) -> Error {
@@ -176,21 +202,32 @@ async fn compare_with_stored(
         let summary = codec.decode(&name, reader, &mut cmp).map_err(Error::from)?;
         // The local file must also end where the stored object ends.
         let mut rest = [0u8; 1];
-        let longer = cmp.other.read(&mut rest).map_err(|e| read_error(&local, e))? > 0;
+        let longer = cmp
+            .other
+            .read(&mut rest)
+            .map_err(|e| read_error(&local, e))?
+            > 0;
         Ok::<_, Error>((summary, cmp.same && !longer))
     })
     .await
     .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?
-    .map_err(|e| e.context(format!("{key} is already archived but could not be compared")))?;
+    .map_err(|e| {
+        e.context(format!(
+            "{key} is already archived but could not be compared"
+        ))
+    })?;
 
     if same && summary.plaintext_crc == local_crc && summary.plaintext_len == local_len {
-        return Ok(Archived::AlreadyArchived { key: key.to_string() });
+        return Ok(Archived::AlreadyArchived {
+            key: key.to_string(),
+        });
     }
     Err(Error::new(
         ErrorKind::Conflict,
         format!(
             "{} is already archived in {store} with different content (stored: {} bytes, CRC-32 {:08x}; this file: {local_len} bytes, CRC-32 {local_crc:08x}); the stored object was left unchanged",
-            path.file_name().map_or_else(|| key.into(), |n| n.to_string_lossy()),
+            path.file_name()
+                .map_or_else(|| key.into(), |n| n.to_string_lossy()),
             summary.plaintext_len,
             summary.plaintext_crc,
         ),

@@ -26,18 +26,25 @@ pub struct Restored {
 /// Restores WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`, relative to the data
 /// directory).
 pub async fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Restored, Error> {
-    let name = WalFileName::parse(name)
-        .map_err(|e| Error::from(e).context("restore_command was asked for a name that is not a WAL file name"))?;
+    let name = WalFileName::parse(name).map_err(|e| {
+        Error::from(e).context("restore_command was asked for a name that is not a WAL file name")
+    })?;
     let span = tracing::info_span!("restore", file = %name);
     let _enter = span.enter();
     let restored = repo
-        .with_retry(&format!("restoring {name}"), || restore_once(repo, &name, dest))
+        .with_retry(&format!("restoring {name}"), || {
+            restore_once(repo, &name, dest)
+        })
         .await?;
     tracing::info!(key = %restored.key, bytes = restored.bytes, "restored");
     Ok(restored)
 }
 
-async fn restore_once(repo: &Repository, name: &WalFileName, dest: &Path) -> Result<Restored, Error> {
+async fn restore_once(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Restored, Error> {
     let store = repo.store().describe();
     // Without readable metadata nothing can be called absent: a wrong URL, an unmounted
     // directory or an empty bucket must stop recovery, not end it.
@@ -69,7 +76,8 @@ async fn restore_once(repo: &Repository, name: &WalFileName, dest: &Path) -> Res
     let name = name.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         let temp = temp_path(&dest)?;
-        let result = decode_verify_publish(&codec, &key_owned, &name, &expect, reader, &temp, &dest);
+        let result =
+            decode_verify_publish(&codec, &key_owned, &name, &expect, reader, &temp, &dest);
         if result.is_err() {
             let _ = fs::remove_file(&temp);
         }
@@ -83,7 +91,10 @@ async fn restore_once(repo: &Repository, name: &WalFileName, dest: &Path) -> Res
 
 fn temp_path(dest: &Path) -> Result<PathBuf, Error> {
     let file = dest.file_name().ok_or_else(|| {
-        Error::new(ErrorKind::InvalidInput, format!("destination {} is not a file path", dest.display()))
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("destination {} is not a file path", dest.display()),
+        )
     })?;
     let mut suffix = [0u8; 6];
     getrandom::fill(&mut suffix).map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
@@ -95,7 +106,10 @@ fn temp_path(dest: &Path) -> Result<PathBuf, Error> {
 }
 
 fn local(path: &Path, doing: &str, e: io::Error) -> Error {
-    Error::new(ErrorKind::LocalIo, format!("{doing} {}: {e}", path.display()))
+    Error::new(
+        ErrorKind::LocalIo,
+        format!("{doing} {}: {e}", path.display()),
+    )
 }
 
 fn decode_verify_publish(
@@ -125,17 +139,26 @@ fn decode_verify_publish(
             .map_err(|_| {
                 Error::new(
                     ErrorKind::Integrity,
-                    format!("{name}: the stored file is {} bytes, too short for a WAL segment", summary.plaintext_len),
+                    format!(
+                        "{name}: the stored file is {} bytes, too short for a WAL segment",
+                        summary.plaintext_len
+                    ),
                 )
             })?;
         check_segment_header(&first, expect).map_err(|e| {
-            Error::new(ErrorKind::Integrity, format!("the stored object does not hold {name}: {e}"))
+            Error::new(
+                ErrorKind::Integrity,
+                format!("the stored object does not hold {name}: {e}"),
+            )
         })?;
         let size = expect.seg_size.map_or(0, |s| u64::from(s.bytes()));
         if name.is_segment() && summary.plaintext_len != size {
             return Err(Error::new(
                 ErrorKind::Integrity,
-                format!("{name}: the stored segment is {} bytes, expected {size}", summary.plaintext_len),
+                format!(
+                    "{name}: the stored segment is {} bytes, expected {size}",
+                    summary.plaintext_len
+                ),
             ));
         }
     }

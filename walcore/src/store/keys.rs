@@ -10,11 +10,7 @@ pub const META_KEY: &str = "meta/repository";
 pub fn wal_key(name: &WalFileName) -> String {
     match name.kind() {
         WalFileKind::History => format!("wal/history/{name}"),
-        _ => format!(
-            "wal/{:08X}/{:08X}/{name}",
-            name.timeline().0,
-            name.log_id()
-        ),
+        _ => format!("wal/{:08X}/{:08X}/{name}", name.timeline().0, name.log_id()),
     }
 }
 
@@ -37,6 +33,9 @@ mod tests {
             wal_key(&n("000000010000000000000002.00000028.backup")),
             "wal/00000001/00000000/000000010000000000000002.00000028.backup"
         );
-        assert_eq!(wal_key(&n("0000000A.history")), "wal/history/0000000A.history");
+        assert_eq!(
+            wal_key(&n("0000000A.history")),
+            "wal/history/0000000A.history"
+        );
     }
 }

@@ -40,19 +40,17 @@ impl LocalStore {
     pub fn open(&self, key: &str) -> Result<File, StoreError> {
         match File::open(self.path(key)) {
             Ok(f) => Ok(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match fs::metadata(&self.root) {
-                    Ok(m) if m.is_dir() => Err(StoreError::NotFound),
-                    Ok(_) => Err(StoreError::Permanent(format!(
-                        "repository root {} is not a directory",
-                        self.root.display()
-                    ))),
-                    Err(e) => Err(StoreError::Permanent(format!(
-                        "repository root {}: {e}",
-                        self.root.display()
-                    ))),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::metadata(&self.root) {
+                Ok(m) if m.is_dir() => Err(StoreError::NotFound),
+                Ok(_) => Err(StoreError::Permanent(format!(
+                    "repository root {} is not a directory",
+                    self.root.display()
+                ))),
+                Err(e) => Err(StoreError::Permanent(format!(
+                    "repository root {}: {e}",
+                    self.root.display()
+                ))),
+            },
             Err(e) => Err(io_error(e)),
         }
     }

@@ -103,8 +103,14 @@ impl Store {
         let url = url::Url::parse(text).map_err(|e| bad(e.to_string()))?;
         match url.scheme() {
             "file" => {
-                if url.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
-                    return Err(bad("a file:// URL must name a local absolute path, as file:///var/lib/walcore".into()));
+                if url
+                    .host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
+                    return Err(bad(
+                        "a file:// URL must name a local absolute path, as file:///var/lib/walcore"
+                            .into(),
+                    ));
                 }
                 let path = url
                     .to_file_path()
@@ -199,7 +205,11 @@ impl Store {
     /// Writes an object create-only. `produce` runs on a blocking thread and writes the bytes;
     /// the call returns once the store has acknowledged the whole object (for a file system:
     /// data and directory fsynced), or reports that the key already existed.
-    pub async fn put_create_with<T, F>(&self, key: &str, produce: F) -> Result<(PutOutcome, T), Error>
+    pub async fn put_create_with<T, F>(
+        &self,
+        key: &str,
+        produce: F,
+    ) -> Result<(PutOutcome, T), Error>
     where
         F: FnOnce(&mut dyn Write) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
@@ -225,13 +235,15 @@ impl Store {
                         buf: Vec::with_capacity(PUT_PIECE),
                     };
                     let value = produce(&mut w)?;
-                    w.flush().map_err(|e| Error::new(ErrorKind::Internal, format!("upload ended early: {e}")))?;
+                    w.flush().map_err(|e| {
+                        Error::new(ErrorKind::Internal, format!("upload ended early: {e}"))
+                    })?;
                     Ok::<T, Error>(value)
                 });
                 let upload = r.put_stream(key, rx).await;
-                let value = producer
-                    .await
-                    .map_err(|e| Error::new(ErrorKind::Internal, format!("encoder thread failed: {e}")))?;
+                let value = producer.await.map_err(|e| {
+                    Error::new(ErrorKind::Internal, format!("encoder thread failed: {e}"))
+                })?;
                 let outcome = upload.map_err(|e| e.into_error("writing", key, &store))?;
                 // The upload only completes after the producer sent everything, so a producer
                 // error with a finished upload cannot happen; check anyway.
@@ -242,7 +254,9 @@ impl Store {
 }
 
 /// Runs blocking file-system work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Permanent(format!("worker thread failed: {e}")))

@@ -66,7 +66,10 @@ impl RemoteStore {
                 AmazonS3Builder::from_env()
                     .with_url(bucket_url.as_str())
                     .with_retry(retry)
-                    .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                    .with_config(
+                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                        &timeout,
+                    )
                     .with_config(
                         AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
                         &connect,
@@ -208,9 +211,8 @@ impl RemoteStore {
 fn map_error(e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound,
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            StoreError::Permission(e.to_string())
-        }
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StoreError::Permission(e.to_string()),
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
             StoreError::Permanent(e.to_string())
         }
