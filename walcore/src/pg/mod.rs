@@ -22,7 +22,7 @@ mod page;
 mod walname;
 
 #[cfg(test)]
-mod corpus;
+pub(crate) mod corpus;
 
 pub use error::{HeaderProblem, LsnProblem, NameProblem, PgError};
 pub use lsn::{Lsn, SegmentNo, TimelineId, WalSegmentSize};

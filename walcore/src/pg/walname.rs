@@ -314,6 +314,42 @@ mod tests {
     }
 
     #[test]
+    fn names_and_offsets_for_other_segment_sizes() {
+        // SELECT pg_walfile_name(lsn) / pg_walfile_name_offset(lsn) on PostgreSQL 15 clusters
+        // made with initdb --wal-segsize=1, 16, 64 and 1024. (The offsets of the last LSN and of
+        // 0/16B3748 at 1 MiB were not asked of PostgreSQL: they follow from the size.)
+        const MIB: u32 = 1024 * 1024;
+        for (mib, lsn, expected, offset) in [
+            (1, "16/B374D848", "000000010000001600000B37", 317_512),
+            (1, "0/16B3748", "000000010000000000000016", 0xB_3748),
+            (1, "FFFFFFFF/FFFFFFFF", "00000001FFFFFFFF00000FFF", 0xF_FFFF),
+            (16, "16/B374D848", "0000000100000016000000B3", 7_657_544),
+            (16, "0/16B3748", "000000010000000000000001", 7_026_504),
+            (64, "16/B374D848", "00000001000000160000002C", 57_989_192),
+            (
+                64,
+                "FFFFFFFF/FFFFFFFF",
+                "00000001FFFFFFFF0000003F",
+                0x3FF_FFFF,
+            ),
+            (1024, "16/B374D848", "000000010000001600000002", 863_295_560),
+            (
+                1024,
+                "FFFFFFFF/FFFFFFFF",
+                "00000001FFFFFFFF00000003",
+                0x3FFF_FFFF,
+            ),
+        ] {
+            let size = WalSegmentSize::new(mib * MIB).expect("size");
+            let lsn: Lsn = lsn.parse().expect("lsn");
+            let name = WalFileName::segment(TimelineId(1), lsn.segment(size), size);
+            assert_eq!(name.to_string(), expected, "{lsn} at {size}");
+            assert_eq!(lsn.segment_offset(size), offset, "{lsn} at {size}");
+            assert_eq!(parse(expected).segno(size), Ok(lsn.segment(size)));
+        }
+    }
+
+    #[test]
     fn every_kind_parses_and_displays() {
         let seg = parse("0000000100000016000000B3");
         assert_eq!(seg.timeline(), TimelineId(1));

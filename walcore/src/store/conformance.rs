@@ -1,0 +1,134 @@
+//! The behaviour every store must have, as one suite run against every backend: the local
+//! file system here, S3 (the emulator) in the end-to-end tests. Not part of the stable API.
+
+use std::io::Write;
+
+use super::{PutOutcome, Store, StoreError};
+use crate::error::{Error, ErrorKind};
+
+fn fail(what: impl Into<String>) -> Error {
+    Error::new(
+        ErrorKind::Internal,
+        format!("store conformance: {}", what.into()),
+    )
+}
+
+async fn put(store: &Store, key: &str, bytes: Vec<u8>) -> Result<PutOutcome, Error> {
+    let (outcome, ()) = store
+        .put_create_with(key, move |w| {
+            w.write_all(&bytes)
+                .map_err(|e| Error::new(ErrorKind::LocalIo, e.to_string()))
+        })
+        .await?;
+    Ok(outcome)
+}
+
+/// Runs the suite in `store`, under keys starting with `prefix` (which must be unused).
+#[doc(hidden)]
+pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
+    let k = |s: &str| format!("{prefix}/{s}");
+
+    // Absent objects are `NotFound`, from every read path.
+    match store.get(&k("absent")).await {
+        Err(StoreError::NotFound) => {}
+        other => return Err(fail(format!("get of an absent key gave {other:?}"))),
+    }
+    match store.open_reader(&k("absent")).await {
+        Err(StoreError::NotFound) => {}
+        Err(e) => return Err(fail(format!("open_reader of an absent key gave {e:?}"))),
+        Ok(_) => return Err(fail("open_reader of an absent key succeeded")),
+    }
+    if store
+        .head(&k("absent"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .is_some()
+    {
+        return Err(fail("head of an absent key found something"));
+    }
+
+    // Create-only: the first write wins, the second changes nothing.
+    if put(store, &k("a/one"), b"first".to_vec()).await? != PutOutcome::Created {
+        return Err(fail("first write did not create"));
+    }
+    if put(store, &k("a/one"), b"second!".to_vec()).await? != PutOutcome::AlreadyExists {
+        return Err(fail(
+            "second write to the same key did not report AlreadyExists",
+        ));
+    }
+    let got = store
+        .get(&k("a/one"))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if &got[..] != b"first" {
+        return Err(fail(format!(
+            "the object changed after a refused write: {got:?}"
+        )));
+    }
+    if store
+        .head(&k("a/one"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        != Some(5)
+    {
+        return Err(fail("head does not give the object's size"));
+    }
+
+    // Streaming reads return the same bytes, including for an object of several pieces.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    put(store, &k("b/big"), big.clone()).await?;
+    let reader = store
+        .open_reader(&k("b/big"))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut v).map(|_| v)
+    })
+    .await
+    .map_err(|e| fail(e.to_string()))?
+    .map_err(|e| fail(e.to_string()))?;
+    if read != big {
+        return Err(fail("streamed read differs from what was written"));
+    }
+
+    // A failing producer leaves no object behind.
+    let r = store
+        .put_create_with(&k("c/failed"), |w| {
+            w.write_all(b"partial")
+                .map_err(|e| Error::new(ErrorKind::LocalIo, e.to_string()))?;
+            Err::<(), _>(Error::new(ErrorKind::InvalidInput, "producer failed"))
+        })
+        .await;
+    if r.is_ok() {
+        return Err(fail("a failing producer was reported as success"));
+    }
+    if store
+        .head(&k("c/failed"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .is_some()
+    {
+        return Err(fail("a failing producer left an object"));
+    }
+
+    // Listings are sorted keys under the prefix, nothing else.
+    let listed = store.list(prefix).await.map_err(|e| fail(e.to_string()))?;
+    let want = vec![k("a/one"), k("b/big")];
+    if listed != want {
+        return Err(fail(format!("list gave {listed:?}, expected {want:?}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn local_store_conforms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let store = super::Store::from_url(&url, &Default::default()).expect("store");
+        super::run(&store, "conf").await.expect("conformance");
+    }
+}
