@@ -384,3 +384,12 @@ fn wrong_key_names_both_fingerprints() {
     );
     assert!(!e.is_integrity());
 }
+
+/// Replays `fuzz/corpus/envelope/` with the fuzz target's property.
+#[test]
+fn envelope_corpus() {
+    for (file, bytes) in crate::pg::corpus::corpus_files("envelope") {
+        let r = std::panic::catch_unwind(|| fuzz_envelope_property(&bytes));
+        assert!(r.is_ok(), "seed {file} broke the property");
+    }
+}

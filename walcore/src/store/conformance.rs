@@ -1,7 +1,6 @@
 //! The behaviour every store must have, as one suite run against every backend: the local
 //! file system here, S3 (the emulator) in the end-to-end tests. Not part of the stable API.
 
-
 use super::{PutOutcome, Store, StoreError};
 use crate::error::{Error, ErrorKind};
 
