@@ -1,0 +1,12 @@
+//! End-to-end tests of walcore: real PostgreSQL 15 clusters, the real `walcore-archive` and
+//! `walcore-restore` as `archive_command` and `restore_command`, a `file://` repository and an
+//! S3 one (moto on loopback).
+//!
+//! Build the binaries first (`cargo build --workspace --bins`), then `cargo test -p walcore-e2e`.
+//! One test binary: the cluster template is initialised once for all tests.
+
+mod archive_matrix;
+mod faults;
+mod pitr;
+mod scenario;
+mod selftest;
