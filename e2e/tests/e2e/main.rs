@@ -10,3 +10,4 @@ mod faults;
 mod pitr;
 mod scenario;
 mod selftest;
+mod store_conformance;

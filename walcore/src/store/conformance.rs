@@ -111,9 +111,56 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
         return Err(fail("a failing producer left an object"));
     }
 
+    // Objects larger than one request (multipart uploads on clouds) behave the same, and a
+    // producer failing after several parts leaves nothing.
+    let huge: Vec<u8> = (0..(super::remote::SINGLE_PUT_MAX + 3_000_000) as u32)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let expected_len = huge.len() as u64;
+    if put(store, &k("d/huge"), huge).await? != PutOutcome::Created {
+        return Err(fail("a large object was not created"));
+    }
+    if store
+        .head(&k("d/huge"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        != Some(expected_len)
+    {
+        return Err(fail("a large object has the wrong size"));
+    }
+    if put(store, &k("d/huge"), vec![1; 10]).await? != PutOutcome::AlreadyExists {
+        return Err(fail(
+            "a small write over a large object did not report AlreadyExists",
+        ));
+    }
+    let r = store
+        .put_create_with(&k("d/failed-huge"), |w| {
+            let block = vec![7u8; 1 << 20];
+            for _ in 0..(super::remote::SINGLE_PUT_MAX >> 20) + 4 {
+                w.write_all(&block)
+                    .map_err(|e| Error::new(ErrorKind::LocalIo, e.to_string()))?;
+            }
+            Err::<(), _>(Error::new(ErrorKind::InvalidInput, "producer failed late"))
+        })
+        .await;
+    match r {
+        Err(e) if e.message().contains("producer failed late") => {}
+        other => return Err(fail(format!("a late producer failure gave {other:?}"))),
+    }
+    if store
+        .head(&k("d/failed-huge"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .is_some()
+    {
+        return Err(fail(
+            "a producer failing after several parts left an object",
+        ));
+    }
+
     // Listings are sorted keys under the prefix, nothing else.
     let listed = store.list(prefix).await.map_err(|e| fail(e.to_string()))?;
-    let want = vec![k("a/one"), k("b/big")];
+    let want = vec![k("a/one"), k("b/big"), k("d/huge")];
     if listed != want {
         return Err(fail(format!("list gave {listed:?}, expected {want:?}")));
     }

@@ -65,6 +65,10 @@ pub struct StoreOptions {
     pub request_timeout: Duration,
     /// Longest a connection attempt may take.
     pub connect_timeout: Duration,
+    /// Cloud client settings by `object_store` key (`aws_endpoint`, `aws_access_key_id`, …),
+    /// applied over what the environment gives: for programs that embed walcore and do not
+    /// want to set process-wide variables.
+    pub cloud_options: Vec<(String, String)>,
 }
 
 impl Default for StoreOptions {
@@ -73,6 +77,7 @@ impl Default for StoreOptions {
             retry_time: Duration::from_secs(60),
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            cloud_options: Vec::new(),
         }
     }
 }
@@ -229,14 +234,16 @@ impl Store {
                 })
             }
             Store::Remote(r) => {
-                let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PUT_QUEUE);
+                let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(PUT_QUEUE);
                 let producer = tokio::task::spawn_blocking(move || {
                     let mut w = ChannelWriter {
                         tx,
                         buf: Vec::with_capacity(PUT_PIECE),
                     };
                     let value = produce(&mut w)?;
-                    w.flush().map_err(|e| {
+                    // Only an explicit end lets the upload complete: a producer that fails (or
+                    // panics) drops the channel without it, and the upload is abandoned.
+                    w.finish().map_err(|e| {
                         Error::new(ErrorKind::Internal, format!("upload ended early: {e}"))
                     })?;
                     Ok::<T, Error>(value)
@@ -245,10 +252,10 @@ impl Store {
                 let value = producer.await.map_err(|e| {
                     Error::new(ErrorKind::Internal, format!("encoder thread failed: {e}"))
                 })?;
+                // A producer failure is the cause when both failed: report it first.
+                let value = value?;
                 let outcome = upload.map_err(|e| e.into_error("writing", key, &store))?;
-                // The upload only completes after the producer sent everything, so a producer
-                // error with a finished upload cannot happen; check anyway.
-                Ok((outcome, value?))
+                Ok((outcome, value))
             }
         }
     }
@@ -286,7 +293,7 @@ impl Read for ChannelReader {
 
 /// The blocking side of an upload: gathers bytes into pieces and sends them to the uploader.
 struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
+    tx: tokio::sync::mpsc::Sender<Piece>,
     buf: Vec<u8>,
 }
 
@@ -297,7 +304,7 @@ impl ChannelWriter {
         }
         let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PUT_PIECE));
         self.tx
-            .blocking_send(Bytes::from(piece))
+            .blocking_send(Piece::Data(Bytes::from(piece)))
             .map_err(|_| std::io::Error::other("the upload stopped"))
     }
 }
@@ -314,4 +321,22 @@ impl Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         self.send_buf()
     }
+}
+
+impl ChannelWriter {
+    /// Sends what is buffered and the end marker: the object is complete.
+    fn finish(mut self) -> std::io::Result<()> {
+        self.send_buf()?;
+        self.tx
+            .blocking_send(Piece::End)
+            .map_err(|_| std::io::Error::other("the upload stopped"))
+    }
+}
+
+/// What travels from an encoder thread to an upload.
+#[derive(Debug)]
+pub enum Piece {
+    Data(Bytes),
+    /// The producer finished successfully; without it the upload is abandoned.
+    End,
 }

@@ -17,7 +17,7 @@ use object_store::{
     RetryConfig, WriteMultipart,
 };
 
-use super::{PutOutcome, StoreError, StoreOptions};
+use super::{Piece, PutOutcome, StoreError, StoreOptions};
 
 /// Encoded objects up to this size go up in one create-only `PUT` (`If-None-Match: *`); larger
 /// ones as a multipart upload, which stores cannot make create-only (see `put_stream`). A
@@ -39,6 +39,26 @@ fn install_crypto_provider() {
         // Another part of the process may have installed one already; either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// Applies `options.cloud_options` to a builder, each key parsed as that cloud's config key.
+fn with_options<K, B>(
+    builder: B,
+    options: &StoreOptions,
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B, StoreError>
+where
+    K: std::str::FromStr,
+    K::Err: std::fmt::Display,
+{
+    let mut b = builder;
+    for (key, value) in &options.cloud_options {
+        let k = key
+            .parse::<K>()
+            .map_err(|e| StoreError::Config(format!("option '{key}': {e}")))?;
+        b = set(b, k, value);
+    }
+    Ok(b)
 }
 
 fn duration_text(d: Duration) -> String {
@@ -63,43 +83,55 @@ impl RemoteStore {
         let err = |e: object_store::Error| StoreError::Config(format!("{url}: {e}"));
         let store: Arc<dyn ObjectStore> = match url.scheme() {
             "s3" | "s3a" => Arc::new(
-                AmazonS3Builder::from_env()
-                    .with_url(bucket_url.as_str())
-                    .with_retry(retry)
-                    .with_config(
-                        AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                        &timeout,
-                    )
-                    .with_config(
-                        AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                        &connect,
-                    )
-                    .build()
-                    .map_err(err)?,
+                with_options::<AmazonS3ConfigKey, _>(
+                    AmazonS3Builder::from_env(),
+                    options,
+                    |b, k, v| b.with_config(k, v),
+                )?
+                .with_url(bucket_url.as_str())
+                .with_retry(retry)
+                .with_config(
+                    AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                    &timeout,
+                )
+                .with_config(
+                    AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                    &connect,
+                )
+                .build()
+                .map_err(err)?,
             ),
             "gs" => Arc::new(
-                GoogleCloudStorageBuilder::from_env()
-                    .with_url(bucket_url.as_str())
-                    .with_retry(retry)
-                    .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), &timeout)
-                    .with_config(
-                        GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                        &connect,
-                    )
-                    .build()
-                    .map_err(err)?,
+                with_options::<GoogleConfigKey, _>(
+                    GoogleCloudStorageBuilder::from_env(),
+                    options,
+                    |b, k, v| b.with_config(k, v),
+                )?
+                .with_url(bucket_url.as_str())
+                .with_retry(retry)
+                .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                .with_config(
+                    GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                    &connect,
+                )
+                .build()
+                .map_err(err)?,
             ),
             "az" | "azure" | "abfs" | "abfss" => Arc::new(
-                MicrosoftAzureBuilder::from_env()
-                    .with_url(bucket_url.as_str())
-                    .with_retry(retry)
-                    .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout)
-                    .with_config(
-                        AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                        &connect,
-                    )
-                    .build()
-                    .map_err(err)?,
+                with_options::<AzureConfigKey, _>(
+                    MicrosoftAzureBuilder::from_env(),
+                    options,
+                    |b, k, v| b.with_config(k, v),
+                )?
+                .with_url(bucket_url.as_str())
+                .with_retry(retry)
+                .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout)
+                .with_config(
+                    AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                    &connect,
+                )
+                .build()
+                .map_err(err)?,
             ),
             other => {
                 return Err(StoreError::Config(format!(
@@ -154,19 +186,28 @@ impl RemoteStore {
     pub async fn put_stream(
         &self,
         key: &str,
-        mut pieces: tokio::sync::mpsc::Receiver<Bytes>,
+        mut pieces: tokio::sync::mpsc::Receiver<Piece>,
     ) -> Result<PutOutcome, StoreError> {
+        let abandoned =
+            || StoreError::Permanent("the object's producer failed; nothing was stored".into());
         let path = Path::from(key);
         let mut buffered: Vec<Bytes> = Vec::new();
         let mut total = 0usize;
-        while let Some(piece) = pieces.recv().await {
-            total += piece.len();
-            buffered.push(piece);
-            if total > SINGLE_PUT_MAX {
-                break;
+        let mut complete = false;
+        while total <= SINGLE_PUT_MAX {
+            match pieces.recv().await {
+                Some(Piece::Data(piece)) => {
+                    total += piece.len();
+                    buffered.push(piece);
+                }
+                Some(Piece::End) => {
+                    complete = true;
+                    break;
+                }
+                None => return Err(abandoned()),
             }
         }
-        if total <= SINGLE_PUT_MAX {
+        if complete {
             let payload = PutPayload::from_iter(buffered);
             let opts = PutOptions {
                 mode: PutMode::Create,
@@ -187,9 +228,19 @@ impl RemoteStore {
         for piece in buffered {
             writer.put(piece);
         }
-        while let Some(piece) = pieces.recv().await {
-            writer.wait_for_capacity(4).await.map_err(map_error)?;
-            writer.put(piece);
+        loop {
+            match pieces.recv().await {
+                Some(Piece::Data(piece)) => {
+                    writer.wait_for_capacity(4).await.map_err(map_error)?;
+                    writer.put(piece);
+                }
+                Some(Piece::End) => break,
+                None => {
+                    // Abort, so the uploaded parts do not linger (and cost) in the store.
+                    let _ = writer.abort().await;
+                    return Err(abandoned());
+                }
+            }
         }
         writer.finish().await.map_err(map_error)?;
         Ok(PutOutcome::Created)
