@@ -5,14 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use walcore::pg::WalFileName;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(name) = WalFileName::parse(text) {
-        assert_eq!(name.to_string(), text);
-        assert_eq!(WalFileName::parse(&name.to_string()).as_ref(), Ok(&name));
-    }
+    walcore::pg::fuzz::wal_name_property(data);
 });

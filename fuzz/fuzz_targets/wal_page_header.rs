@@ -7,43 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use walcore::pg::{
-    SegmentExpectations, TimelineId, WalFileName, WalSegmentSize, check_segment_header,
-    parse_long_page_header, pg_major_for_magic,
-};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(header) = parse_long_page_header(data) else {
-        assert!(data.len() < 40);
-        return;
-    };
-    let mut expected = [0u8; 40];
-    expected.copy_from_slice(&data[..40]);
-    expected[20..24].fill(0);
-    assert_eq!(header.encode(), expected);
-
-    let (Ok(size), 1..) = (WalSegmentSize::new(header.seg_size), header.timeline.0) else {
-        return;
-    };
-    let segno = header.page_addr.segment(size);
-    let expect = SegmentExpectations {
-        name: WalFileName::segment(header.timeline, segno, size),
-        system_id: Some(header.system_id),
-        seg_size: Some(size),
-    };
-    let self_consistent = pg_major_for_magic(header.magic).is_some()
-        && header.is_long()
-        && header.block_size.is_power_of_two()
-        && (1024..=65536).contains(&header.block_size)
-        && header.page_addr.segment_offset(size) == 0;
-    let checked = check_segment_header(data, &expect);
-    assert_eq!(checked.is_ok(), self_consistent, "{checked:?}");
-    // A later timeline in the name is always acceptable (the segment was copied forward).
-    if self_consistent && header.timeline.0 < u32::MAX {
-        let later = SegmentExpectations {
-            name: WalFileName::segment(TimelineId(header.timeline.0 + 1), segno, size),
-            ..expect
-        };
-        assert_eq!(check_segment_header(data, &later), Ok(header));
-    }
+    walcore::pg::fuzz::wal_page_header_property(data);
 });

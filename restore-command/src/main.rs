@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use walcore::config::{Config, Layer};
+use walcore::config::Layer;
 use walcore::exit::{self, Hook};
 
 /// Restore one WAL file from the walcore repository (restore_command = 'walcore-restore %f %p').
@@ -42,35 +42,11 @@ fn main() -> ExitCode {
     };
     let mut flags = Layer::default();
     flags.set_flag("repo", "--repo", args.repo);
-    let config = match Config::load(flags) {
-        Ok(c) => c,
-        Err(e) => {
-            walcore::ops::init_logging("info", args.json);
-            tracing::error!("{e:#}");
-            return ExitCode::from(exit::code(Hook::Restore, e.kind()));
-        }
-    };
-    walcore::ops::init_logging(&config.log, args.json);
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .worker_threads(2)
-        .build()
-        .map_err(|e| walcore::Error::new(walcore::ErrorKind::Internal, e.to_string()))
-        .and_then(|rt| {
-            rt.block_on(async {
-                let repo = walcore::repo::Repository::open(&config)?;
-                walcore::ops::restore::restore_file(&repo, &args.name, &args.dest).await
-            })
-        });
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == walcore::ErrorKind::NotFound => {
-            tracing::info!("{e}");
-            ExitCode::from(exit::code(Hook::Restore, e.kind()))
-        }
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::from(exit::code(Hook::Restore, e.kind()))
-        }
-    }
+    let (name, dest) = (args.name, args.dest);
+    ExitCode::from(walcore::ops::run_hook(
+        Hook::Restore,
+        flags,
+        args.json,
+        |repo| async move { walcore::ops::restore::restore_file(&repo, &name, &dest).await },
+    ))
 }

@@ -18,7 +18,8 @@ pub use key::{Fingerprint, KeyError, MasterKey};
 pub use stream::Summary;
 
 /// Default plaintext bytes per chunk: 1 MiB keeps 16 chunks in a 16 MiB segment (both cores
-/// stay busy) while costing under 1 % of compression ratio against whole-file zstd on WAL.
+/// stay busy) while storing about 1 % more than whole-file zstd on real pgbench WAL (4 MiB: 0.2 %,
+/// 256 KiB: 6 %; docs/BENCHMARKS.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 /// Default zstd level, chosen by measurement on real WAL (docs/BENCHMARKS.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;

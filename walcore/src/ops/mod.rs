@@ -3,6 +3,52 @@
 pub mod archive;
 pub mod restore;
 
+use std::future::Future;
+
+use crate::config::{Config, Layer};
+use crate::error::{Error, ErrorKind};
+use crate::exit::{self, Hook};
+use crate::repo::Repository;
+
+/// Everything a hook binary does around its operation: loads the configuration (`flags` over
+/// the environment over the file), starts logging, opens the repository, runs `op` on a small
+/// runtime, logs the outcome where it is handled, and returns the exit status from the one
+/// table in [`crate::exit`].
+pub fn run_hook<T, F, Fut>(hook: Hook, flags: Layer, json: bool, op: F) -> u8
+where
+    F: FnOnce(Repository) -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let config = match Config::load(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            init_logging("info", json);
+            tracing::error!("{e:#}");
+            return exit::code(hook, e.kind());
+        }
+    };
+    init_logging(&config.log, json);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("starting the runtime: {e}")))
+        .and_then(|rt| rt.block_on(async { op(Repository::open(&config)?).await }));
+    match result {
+        Ok(_) => 0,
+        // An absent file is an answer, not a failure: PostgreSQL asks for files past the end of
+        // the archive as a matter of course.
+        Err(e) if e.kind() == ErrorKind::NotFound && hook == Hook::Restore => {
+            tracing::info!("{e}");
+            exit::code(hook, e.kind())
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            exit::code(hook, e.kind())
+        }
+    }
+}
+
 /// Starts logging to stderr (PostgreSQL puts a command's stderr in its own log) at `level`
 /// (`error`, `warn`, `info`, `debug`, `trace`, or a filter such as `walcore=debug`), as JSON
 /// lines when `json` is set.

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use super::{
-    SegmentExpectations, TimelineId, WalFileName, WalSegmentSize, check_segment_header,
-    parse_long_page_header, pg_major_for_magic,
+    SegmentExpectations, WalFileName, WalSegmentSize, check_segment_header, parse_long_page_header,
+    pg_major_for_magic,
 };
 
 /// `fuzz/corpus/<target>/` in this checkout.
@@ -43,63 +43,11 @@ pub(crate) fn corpus_files(target: &str) -> Vec<(String, Vec<u8>)> {
     files
 }
 
-/// The property of `fuzz/fuzz_targets/wal_name.rs`: whatever parses displays as the same text
-/// and parses back to the same value.
-fn wal_name_property(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(name) = WalFileName::parse(text) {
-        assert_eq!(name.to_string(), text);
-        assert_eq!(WalFileName::parse(&name.to_string()).as_ref(), Ok(&name));
-    }
-}
-
-/// The property of `fuzz/fuzz_targets/wal_page_header.rs`: parsing never panics; what parses
-/// re-encodes to the same 40 bytes (padding after `xlp_rem_len` aside, which PostgreSQL zeroes
-/// and never reads); and checking it against the segment its own fields name passes exactly when
-/// the self-contained checks pass.
-fn wal_page_header_property(data: &[u8]) {
-    let Ok(header) = parse_long_page_header(data) else {
-        assert!(data.len() < 40);
-        return;
-    };
-    let mut expected = [0u8; 40];
-    expected.copy_from_slice(&data[..40]);
-    expected[20..24].fill(0);
-    assert_eq!(header.encode(), expected);
-
-    let (Ok(size), 1..) = (WalSegmentSize::new(header.seg_size), header.timeline.0) else {
-        return;
-    };
-    let segno = header.page_addr.segment(size);
-    let expect = SegmentExpectations {
-        name: WalFileName::segment(header.timeline, segno, size),
-        system_id: Some(header.system_id),
-        seg_size: Some(size),
-    };
-    let self_consistent = pg_major_for_magic(header.magic).is_some()
-        && header.is_long()
-        && header.block_size.is_power_of_two()
-        && (1024..=65536).contains(&header.block_size)
-        && header.page_addr.segment_offset(size) == 0;
-    let checked = check_segment_header(data, &expect);
-    assert_eq!(checked.is_ok(), self_consistent, "{checked:?}");
-    // A later timeline in the name is always acceptable (the segment was copied forward).
-    if self_consistent && header.timeline.0 < u32::MAX {
-        let later = SegmentExpectations {
-            name: WalFileName::segment(TimelineId(header.timeline.0 + 1), segno, size),
-            ..expect
-        };
-        assert_eq!(check_segment_header(data, &later), Ok(header));
-    }
-}
-
 #[test]
 fn wal_name_corpus() {
     let mut parsed = 0;
     for (file, data) in corpus_files("wal_name") {
-        wal_name_property(&data);
+        super::fuzz::wal_name_property(&data);
         // Seeds named after their content are valid names; "invalid-*" seeds are not.
         let ok = std::str::from_utf8(&data).is_ok_and(|t| WalFileName::parse(t).is_ok());
         assert_eq!(ok, !file.starts_with("invalid-"), "{file}");
@@ -111,7 +59,7 @@ fn wal_name_corpus() {
 #[test]
 fn wal_page_header_corpus() {
     for (file, data) in corpus_files("wal_page_header") {
-        wal_page_header_property(&data);
+        super::fuzz::wal_page_header_property(&data);
         if let Some(real) = file.strip_prefix("pg15-") {
             let header = parse_long_page_header(&data).expect("real header");
             assert_eq!(pg_major_for_magic(header.magic), Some(15), "{file}");

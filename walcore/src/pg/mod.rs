@@ -17,6 +17,8 @@
 //! What it does not do: read files, decode WAL records, or know about the repository.
 
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod lsn;
 mod page;
 mod walname;
