@@ -60,7 +60,7 @@ pub fn code(hook: Hook, kind: ErrorKind) -> u8 {
     }
 }
 
-/// Makes a panic exit with [`panic`]'s status instead of Rust's 101, which PostgreSQL would
+/// Makes a panic exit with [`panic()`](fn@panic)'s status instead of Rust's 101, which PostgreSQL would
 /// read as "file not found" in `restore_command`.
 pub fn install_panic_exit(hook: Hook) {
     let default = std::panic::take_hook();

@@ -19,6 +19,7 @@
 //! - [`store`]: where objects live (`file://`, `s3://`, `gs://`, `az://`) and their keys.
 //! - [`repo`]: a repository: a store, a codec and the cluster's metadata.
 //! - [`config`]: one configuration for every binary (flags, `WALCORE_*`, TOML).
+//! - [`replication`]: a client of PostgreSQL's replication protocol (base backups, next).
 //! - [`ops`]: one operation per binary; [`exit`] maps their errors to exit codes.
 
 pub mod codec;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod exit;
 pub mod ops;
 pub mod pg;
+pub mod replication;
 pub mod repo;
 pub mod store;
 

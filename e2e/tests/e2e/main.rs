@@ -8,6 +8,7 @@
 mod archive_matrix;
 mod faults;
 mod pitr;
+mod replication;
 mod scenario;
 mod selftest;
 mod store_conformance;

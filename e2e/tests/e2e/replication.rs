@@ -1,0 +1,490 @@
+//! walcore's replication client (`walcore::replication`) against real PostgreSQL 15: its answers
+//! compared with PostgreSQL's own (`pg_control_system()`, `pg_current_wal_flush_lsn()`,
+//! `pg_verifybackup`), authentication as pg_hba.conf demands it (trust, SCRAM-SHA-256, MD5), the
+//! errors a DBA sees, and a whole BASE_BACKUP.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use walcore::pg::{Lsn, TimelineId, WalSegmentSize};
+use walcore::replication::{
+    BackupEvent, BaseBackupOptions, Checkpoint, ConnConfig, ConnParams, ConnectOptions,
+    ReplicationConnection, ReplicationError,
+};
+use walcore_e2e::cluster::pg_bin_dir;
+use walcore_e2e::{Cluster, sys};
+
+/// Runs a future on a fresh single-threaded runtime (the harness itself is synchronous).
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(future)
+}
+
+/// A connection string for `cluster`'s Unix socket, resolved without the process environment
+/// (so no `PGPASSWORD` or `~/.pgpass` of the machine running the tests leaks in).
+fn config(cluster: &Cluster, extra: &str) -> ConnConfig {
+    let conninfo = format!("host={} port=5432 {extra}", cluster.sock.display());
+    ConnParams::parse(&conninfo)
+        .and_then(|p| p.resolve(&|_| None))
+        .unwrap_or_else(|e| panic!("{conninfo}: {e}"))
+}
+
+fn options() -> ConnectOptions {
+    ConnectOptions {
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(30),
+        ..ConnectOptions::default()
+    }
+}
+
+async fn connect(config: &ConnConfig) -> Result<ReplicationConnection, ReplicationError> {
+    ReplicationConnection::connect(config, &options()).await
+}
+
+fn lsn(text: &str) -> Lsn {
+    text.parse()
+        .unwrap_or_else(|e| panic!("PostgreSQL returned {text:?}: {e}"))
+}
+
+/// Sets the method of pg_hba.conf's `local replication` lines and reloads, waiting until the
+/// postmaster has read the file (new sessions see a new `pg_conf_load_time()`).
+fn set_local_replication_auth(cluster: &Cluster, method: &str) {
+    let path = cluster.data.join("pg_hba.conf");
+    let hba = std::fs::read_to_string(&path).expect("read pg_hba.conf");
+    let mut changed = 0;
+    let edited: Vec<String> = hba
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() >= 4 && fields[0] == "local" && fields[1] == "replication" {
+                changed += 1;
+                format!("local replication {} {method}", fields[2])
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    assert!(changed > 0, "no `local replication` line in\n{hba}");
+    // Rewriting the file in place keeps its owner (the server user).
+    std::fs::write(&path, edited.join("\n") + "\n").expect("write pg_hba.conf");
+    let loaded = cluster.psql("select pg_conf_load_time()");
+    cluster.psql("select pg_reload_conf()");
+    sys::wait_for(Duration::from_secs(10), Duration::from_millis(20), || {
+        let now = cluster.psql("select pg_conf_load_time()");
+        if now != loaded {
+            Ok(())
+        } else {
+            Err(format!(
+                "waiting for the server to reload pg_hba.conf ({method})"
+            ))
+        }
+    });
+}
+
+#[test]
+fn identify_system_agrees_with_postgresql() {
+    let cluster = Cluster::new();
+    cluster.start();
+    let system_id: u64 = cluster
+        .psql("select system_identifier from pg_control_system()")
+        .parse()
+        .expect("system identifier");
+    let timeline: u32 = cluster
+        .psql("select timeline_id from pg_control_checkpoint()")
+        .parse()
+        .expect("timeline");
+    let before = lsn(&cluster.psql("select pg_current_wal_flush_lsn()"));
+
+    let (info, version, integer_datetimes) = block_on(async {
+        let mut conn = connect(&config(&cluster, "user=postgres"))
+            .await
+            .expect("trust connection");
+        let info = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
+        let version = conn.server_version_num();
+        let integer_datetimes = conn.integer_datetimes();
+        conn.close().await.expect("close");
+        (info, version, integer_datetimes)
+    });
+    let after = lsn(&cluster.psql("select pg_current_wal_flush_lsn()"));
+
+    assert_eq!(info.system_id, system_id);
+    assert_eq!(info.timeline, TimelineId(timeline));
+    // IDENTIFY_SYSTEM reports the flush position, which only moves forward.
+    assert!(
+        before <= info.xlogpos && info.xlogpos <= after,
+        "xlogpos {} outside [{before}, {after}]",
+        info.xlogpos
+    );
+    assert_eq!(info.dbname, None, "a physical replication connection");
+    assert!(
+        version.is_some_and(|v| (150_000..160_000).contains(&v)),
+        "{version:?}"
+    );
+    assert_eq!(integer_datetimes, Some(true));
+}
+
+/// A role with REPLICATION, pg_hba.conf demanding `method` for replication over the socket:
+/// the right password (given, or from a password file) gets in; a wrong or missing one, and a
+/// role without REPLICATION, get PostgreSQL's own clear errors.
+fn password_authentication(method: &str, encryption: &str) {
+    let cluster = Cluster::new();
+    cluster.start();
+    cluster.psql(&format!(
+        "set password_encryption = '{encryption}';
+         create role rep with replication login password 'right pw';
+         create role norepl with login password 'right pw';"
+    ));
+    let stored = cluster.psql("select rolpassword from pg_authid where rolname = 'rep'");
+    let prefix = if encryption == "md5" {
+        "md5"
+    } else {
+        "SCRAM-SHA-256$"
+    };
+    assert!(stored.starts_with(prefix), "{stored}");
+    set_local_replication_auth(&cluster, method);
+
+    // The right password.
+    let info = block_on(async {
+        let mut conn = connect(&config(&cluster, "user=rep password='right pw'"))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        conn.identify_system().await.expect("IDENTIFY_SYSTEM")
+    });
+    assert!(info.xlogpos.is_valid());
+
+    // From a password file: host is the socket directory, database `replication`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(
+        &passfile,
+        format!(
+            "{}:5432:postgres:rep:not this one\n{}:5432:replication:rep:right pw\n",
+            cluster.sock.display(),
+            cluster.sock.display()
+        ),
+    )
+    .expect("write pgpass");
+    std::fs::set_permissions(
+        &passfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod pgpass");
+    block_on(async {
+        let conn = connect(&config(
+            &cluster,
+            &format!("user=rep passfile={}", passfile.display()),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{method} with a password file: {e}"));
+        conn.close().await.expect("close");
+    });
+
+    // A wrong password.
+    let err = block_on(connect(&config(&cluster, "user=rep password=wrong")))
+        .expect_err("a wrong password must fail");
+    assert_eq!(err.sqlstate(), Some("28P01"), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("FATAL: password authentication failed for user \"rep\""),
+        "{text}"
+    );
+    assert!(!err.is_retryable());
+
+    // No password at all.
+    let err = block_on(connect(&config(&cluster, "user=rep"))).expect_err("no password must fail");
+    assert!(
+        matches!(err, ReplicationError::PasswordRequired { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("asks for a password for user \"rep\""),
+        "{err}"
+    );
+
+    // A role without REPLICATION.
+    let err = block_on(connect(&config(
+        &cluster,
+        "user=norepl password='right pw'",
+    )))
+    .expect_err("a role without REPLICATION must fail");
+    assert_eq!(err.sqlstate(), Some("42501"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("must be superuser or replication role to start walsender"),
+        "{err}"
+    );
+}
+
+#[test]
+fn scram_sha_256_authentication() {
+    password_authentication("scram-sha-256", "scram-sha-256");
+}
+
+#[test]
+fn md5_authentication() {
+    password_authentication("md5", "md5");
+}
+
+#[test]
+fn unreachable_server_fails_fast_and_clearly() {
+    // A cluster that is not running: its socket directory exists, the socket does not.
+    let cluster = Cluster::new();
+    let started = Instant::now();
+    let err =
+        block_on(connect(&config(&cluster, "user=postgres"))).expect_err("nothing listens there");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    let socket = cluster.sock.join(".s.PGSQL.5432");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "could not connect to the server at {}: No such file or directory",
+            socket.display()
+        )),
+        "{text}"
+    );
+    assert!(err.is_retryable(), "a server that is down may come back");
+}
+
+/// The names and sizes in a tar stream, checking each 512-byte header's checksum and that the
+/// stream ends with the two zero blocks.
+fn tar_entries(tar: &[u8]) -> Vec<(String, u64)> {
+    let octal = |field: &[u8]| -> u64 {
+        let text: String = field
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| char::from(b))
+            .collect();
+        u64::from_str_radix(text.trim(), 8).unwrap_or_else(|e| panic!("octal {text:?}: {e}"))
+    };
+    let mut entries = Vec::new();
+    let mut pos = 0;
+    loop {
+        let header = tar
+            .get(pos..pos + 512)
+            .unwrap_or_else(|| panic!("tar stream truncated at {pos}"));
+        if header.iter().all(|&b| b == 0) {
+            let next = tar.get(pos + 512..pos + 1024).expect("second end block");
+            assert!(next.iter().all(|&b| b == 0), "second end block");
+            return entries;
+        }
+        let sum: u64 = header
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u64::from(b)
+                }
+            })
+            .sum();
+        assert_eq!(sum, octal(&header[148..156]), "header checksum at {pos}");
+        let name: String = header[..100]
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| char::from(b))
+            .collect();
+        let size = octal(&header[124..136]);
+        entries.push((name, size));
+        pos += 512 + (size as usize).div_ceil(512) * 512;
+    }
+}
+
+#[test]
+fn base_backup_of_a_small_cluster() {
+    let cluster = Cluster::new();
+    cluster.start();
+    walcore_e2e::workload::create_table(&cluster);
+    walcore_e2e::workload::insert_batch(&cluster, "replication", 1000);
+
+    let options = BaseBackupOptions {
+        label: "walcore e2e: it's a test".into(),
+        checkpoint: Checkpoint::Fast,
+        ..BaseBackupOptions::default()
+    };
+    let started = Instant::now();
+    let (events, system_id) = block_on(async {
+        let conn = connect(&config(&cluster, "user=postgres"))
+            .await
+            .expect("connect");
+        let stream = conn.base_backup(&options).await.expect("BASE_BACKUP");
+        let (mut rx, task) = stream.spawn();
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            events.push(event.expect("backup event"));
+        }
+        // The connection is back in a clean state after the backup.
+        let mut conn = task.await.expect("network task");
+        let info = conn
+            .identify_system()
+            .await
+            .expect("IDENTIFY_SYSTEM after BASE_BACKUP");
+        conn.close().await.expect("close");
+        (events, info.system_id)
+    });
+    let elapsed = started.elapsed();
+    let current = lsn(&cluster.psql("select pg_current_wal_lsn()"));
+
+    // Started, the main archive with its data and progress, the manifest, Finished.
+    let Some(BackupEvent::Started {
+        start_lsn,
+        timeline,
+        tablespaces,
+    }) = events.first().cloned()
+    else {
+        panic!("first event: {:?}", events.first())
+    };
+    let Some(BackupEvent::Finished {
+        end_lsn,
+        timeline: end_timeline,
+    }) = events.last().cloned()
+    else {
+        panic!("last event: {:?}", events.last())
+    };
+    assert_eq!(timeline, TimelineId(1));
+    assert_eq!(end_timeline, TimelineId(1));
+    assert!(
+        start_lsn <= end_lsn,
+        "start {start_lsn} after end {end_lsn}"
+    );
+    assert!(end_lsn <= current);
+    assert_eq!(
+        tablespaces.len(),
+        1,
+        "only the main data directory: {tablespaces:?}"
+    );
+    assert_eq!(tablespaces[0].oid, None);
+
+    let mut archives = Vec::new();
+    let mut base_tar = Vec::new();
+    let mut manifest = Vec::new();
+    let mut in_manifest = false;
+    let mut last_progress = 0;
+    for event in &events[1..events.len() - 1] {
+        match event {
+            BackupEvent::Archive { name, location } => {
+                assert!(!in_manifest, "archive after the manifest");
+                archives.push((name.clone(), location.clone()));
+            }
+            BackupEvent::Manifest => in_manifest = true,
+            BackupEvent::Data(data) if in_manifest => manifest.extend_from_slice(data),
+            BackupEvent::Data(data) => base_tar.extend_from_slice(data),
+            BackupEvent::Progress(done) => {
+                assert!(*done >= last_progress, "progress goes forward");
+                last_progress = *done;
+            }
+            other => panic!("unexpected event in the middle: {other:?}"),
+        }
+    }
+    assert_eq!(archives, vec![("base.tar".to_owned(), None)]);
+    assert_eq!(
+        last_progress,
+        base_tar.len() as u64,
+        "the last progress report counts every archive byte"
+    );
+
+    // The main archive is a tar stream with what a data directory needs.
+    let entries = tar_entries(&base_tar);
+    let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+    for needed in [
+        "backup_label",
+        "tablespace_map",
+        "PG_VERSION",
+        "global/pg_control",
+    ] {
+        assert!(
+            names.contains(&needed),
+            "{needed} missing from base.tar: {names:?}"
+        );
+    }
+    assert_eq!(
+        names.first(),
+        Some(&"backup_label"),
+        "backup_label comes first"
+    );
+    assert_eq!(
+        names.last(),
+        Some(&"global/pg_control"),
+        "pg_control comes last"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("pg_wal/0")),
+        "no WAL in the backup (WAL false)"
+    );
+
+    // backup_label names our label and the start position.
+    let label_start = 512;
+    let label_len = entries[0].1 as usize;
+    let label = String::from_utf8_lossy(&base_tar[label_start..label_start + label_len]);
+    assert!(
+        label.contains(&format!("START WAL LOCATION: {start_lsn} (file ")),
+        "{label}"
+    );
+    assert!(label.contains("LABEL: walcore e2e: it's a test"), "{label}");
+    let segment = WalSegmentSize::DEFAULT;
+    assert!(start_lsn.segment(segment).0 >= 1);
+
+    // The manifest is PostgreSQL's JSON, covering our WAL range.
+    let manifest = String::from_utf8(manifest).expect("manifest is UTF-8");
+    assert!(
+        manifest.starts_with("{ \"PostgreSQL-Backup-Manifest-Version\": 1,"),
+        "{}",
+        &manifest[..manifest.len().min(200)]
+    );
+    assert!(
+        manifest.contains(&format!(
+            "\"Start-LSN\": \"{start_lsn}\", \"End-LSN\": \"{end_lsn}\""
+        )),
+        "WAL range of the manifest"
+    );
+
+    // And PostgreSQL's own verifier accepts the extracted archive with its manifest (WAL
+    // parsing skipped: the WAL is archived separately).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::fs::write(dir.path().join("base.tar"), &base_tar).expect("write base.tar");
+    run_ok(
+        std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(dir.path().join("base.tar"))
+            .arg("-C")
+            .arg(&data),
+    );
+    std::fs::write(data.join("backup_manifest"), &manifest).expect("write manifest");
+    run_ok(
+        std::process::Command::new(pg_bin_dir().join("pg_verifybackup"))
+            .arg("--no-parse-wal")
+            .arg(&data),
+    );
+
+    let sysid: u64 = cluster
+        .psql("select system_identifier from pg_control_system()")
+        .parse()
+        .expect("system identifier");
+    assert_eq!(system_id, sysid);
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the backup took {elapsed:?}"
+    );
+}
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = sys::run(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{:?} failed ({:?}): {}{}",
+        cmd,
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+}

@@ -1,0 +1,84 @@
+//! The property the `replication_message` fuzz target in `fuzz/` checks, here so that the target
+//! and the corpus replay tests (`corpus.rs`) run the very same code. Not part of the stable API.
+
+use super::basebackup::{BackupEvent, BaseBackupDecoder, Phase, parse_copy_message};
+use super::message::{BackendMessage, BytesMut, HEADER_LEN, parse_backend, take_backend};
+
+/// The property of `fuzz/fuzz_targets/replication_message.rs`: [`message_stream_property`],
+/// then [`base_backup_property`] over the messages.
+pub fn replication_message_property(data: &[u8]) {
+    let messages = message_stream_property(data);
+    base_backup_property(&messages);
+}
+
+/// The message half of the property: parse messages one after
+/// another; the slice parser and the splitting parser agree; every message re-encodes to
+/// the bytes it came from (or, when an error text was not UTF-8, to bytes that parse back
+/// to the same message); and parsing stops at an error or a partial message, never a panic.
+pub fn message_stream_property(data: &[u8]) -> Vec<BackendMessage> {
+    let mut messages = Vec::new();
+    let mut pos = 0;
+    let mut split = BytesMut::from(data);
+    loop {
+        let sliced = parse_backend(&data[pos..]);
+        let before = split.clone();
+        let taken = take_backend(&mut split);
+        match (sliced, taken) {
+            (Ok(Some((message, used))), Ok(Some(same))) => {
+                assert_eq!(message, same);
+                assert!(used >= HEADER_LEN && used <= data.len() - pos);
+                let mut encoded = BytesMut::new();
+                message.encode(&mut encoded);
+                if encoded[..] != data[pos..pos + used] {
+                    assert!(
+                        matches!(
+                            message,
+                            BackendMessage::ErrorResponse(_) | BackendMessage::NoticeResponse(_)
+                        ),
+                        "{message:?} re-encodes differently"
+                    );
+                }
+                let again = parse_backend(&encoded).expect("re-encoded message parses");
+                assert_eq!(again, Some((message.clone(), encoded.len())));
+                messages.push(message);
+                pos += used;
+            }
+            (Ok(None), Ok(None)) => {
+                assert_eq!(split, before, "need-more must not consume");
+                break;
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b);
+                assert_eq!(split, before, "an error must not consume");
+                assert!(a.offset <= (data.len() - pos) as u64);
+                break;
+            }
+            (a, b) => panic!("parsers disagree: {a:?} vs {b:?}"),
+        }
+    }
+    messages
+}
+
+/// The base backup half of the property: every CopyData payload parses as a base backup message
+/// or fails cleanly (and re-encodes exactly when it parses), and the whole sequence fed to the
+/// BASE_BACKUP decoder never panics and ends it on the first error.
+pub fn base_backup_property(messages: &[BackendMessage]) -> Vec<BackupEvent> {
+    let mut decoder = BaseBackupDecoder::new();
+    let mut events = Vec::new();
+    for m in messages {
+        if let BackendMessage::CopyData(data) = m
+            && let Ok(parsed) = parse_copy_message(data.clone())
+        {
+            assert_eq!(parsed.encode(), *data);
+        }
+        match decoder.feed(m.clone()) {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => {}
+            Err(_) => {
+                assert_eq!(decoder.phase(), Phase::Done);
+                break;
+            }
+        }
+    }
+    events
+}

@@ -1,0 +1,42 @@
+//! A client of PostgreSQL's replication protocol: the source of base backups (and, later, of
+//! streamed WAL).
+//!
+//! ```text
+//! connection string ──conninfo──▶ ConnConfig ──conn──▶ ReplicationConnection ──basebackup──▶ BackupEvent…
+//!   + PG* variables, .pgpass         (socket, startup, auth,      (BASE_BACKUP, 15+)
+//!                                     simple query, timeouts)
+//!                         bytes ◀──────── message (sans-IO parser and builders) ────────▶ bytes
+//! ```
+//!
+//! - [`conninfo`]: libpq connection strings and URLs, the `PG*` environment and the defaults;
+//!   [`pgpass`]: the password file.
+//! - [`message`]: the protocol's messages, parsed sans-IO (bytes in; a message, "need more", or
+//!   an error that says where) and built.
+//! - [`conn`]: the async connection: Unix socket or TCP, trust / password / MD5 / SCRAM-SHA-256,
+//!   `simple_query`, `IDENTIFY_SYSTEM`, a time limit on every wait.
+//! - [`basebackup`]: `BASE_BACKUP` on PostgreSQL 15+, as a sans-IO decoder and an event stream.
+//!
+//! What it does not do yet: TLS (`sslmode=require` and stricter are refused with a clear error),
+//! GSSAPI/SSPI, SCRAM channel binding, base backups from PostgreSQL 13/14 (refused with a clear
+//! error), `START_REPLICATION` (the parser already reads its `CopyBothResponse`).
+
+pub mod basebackup;
+pub mod conn;
+pub mod conninfo;
+mod error;
+pub mod fuzz;
+pub mod message;
+pub mod pgpass;
+
+#[cfg(test)]
+mod corpus;
+
+pub use basebackup::{
+    BackupEvent, BackupProtocolError, BaseBackupDecoder, BaseBackupOptions, BaseBackupStream,
+    Checkpoint, ManifestChecksums, TablespaceInfo,
+};
+pub use conn::{ConnectOptions, ReplicationConnection, Row, SystemInfo};
+pub use conninfo::{ConnConfig, ConnInfoError, ConnParams, Host, SslMode, Target};
+pub use error::{ConnectAttempt, ReplicationError, ServerError};
+pub use message::frontend::ReplicationMode;
+pub use message::{BackendMessage, ProtocolError, parse_backend};
