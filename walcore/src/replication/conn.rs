@@ -747,15 +747,7 @@ impl ReplicationConnection {
                 doing: doing.to_owned(),
             },
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(source)) if is_disconnect(&source) => ReplicationError::Closed {
-                server: self.server.clone(),
-                doing: doing.to_owned(),
-            },
-            Ok(Err(source)) => ReplicationError::Io {
-                server: self.server.clone(),
-                doing: doing.to_owned(),
-                source,
-            },
+            Ok(Err(source)) => self.io_failure(doing, source),
             Err(_) => ReplicationError::Timeout {
                 server: self.server.clone(),
                 doing: doing.to_owned(),
@@ -764,6 +756,22 @@ impl ReplicationConnection {
         };
         self.broken = true;
         Err(failure)
+    }
+
+    /// A failed read or write: the server hung up, or another I/O error.
+    fn io_failure(&self, doing: &str, source: std::io::Error) -> ReplicationError {
+        if is_disconnect(&source) {
+            ReplicationError::Closed {
+                server: self.server.clone(),
+                doing: doing.to_owned(),
+            }
+        } else {
+            ReplicationError::Io {
+                server: self.server.clone(),
+                doing: doing.to_owned(),
+                source,
+            }
+        }
     }
 
     async fn flush(&mut self, doing: &str) -> Result<(), ReplicationError> {
@@ -775,15 +783,7 @@ impl ReplicationConnection {
         self.write.clear();
         let failure = match outcome {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(source)) if is_disconnect(&source) => ReplicationError::Closed {
-                server: self.server.clone(),
-                doing: doing.to_owned(),
-            },
-            Ok(Err(source)) => ReplicationError::Io {
-                server: self.server.clone(),
-                doing: doing.to_owned(),
-                source,
-            },
+            Ok(Err(source)) => self.io_failure(doing, source),
             Err(_) => ReplicationError::Timeout {
                 server: self.server.clone(),
                 doing: format!("{doing} (the server does not read what we send)"),
