@@ -2,12 +2,14 @@
 //! `walcore::ops::run_hook` loads the configuration, archives, and picks the exit status
 //! (`docs/exit-codes.md`).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use walcore::config::Layer;
 use walcore::exit::{self, Hook};
+use walcore::ops::lookahead;
 
 /// Archive one WAL file into the walcore repository (archive_command = 'walcore-archive %p').
 #[derive(Debug, Parser)]
@@ -22,8 +24,13 @@ struct Args {
     /// Log as JSON lines on stderr.
     #[arg(long)]
     json: bool,
+    /// Run as the detached look-ahead worker of this WAL directory (started by the command
+    /// itself).
+    #[arg(long, hide = true, value_name = "WAL_DIR", conflicts_with = "path")]
+    lookahead_worker: Option<PathBuf>,
     /// The WAL file to archive: PostgreSQL's %p.
-    path: PathBuf,
+    #[arg(required_unless_present = "lookahead_worker")]
+    path: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -39,14 +46,37 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The worker is started with the same flags.
+    let mut passed: Vec<OsString> = Vec::new();
+    if let Some(repo) = &args.repo {
+        passed.extend(["--repo".into(), repo.into()]);
+    }
+    if let Some(c) = &args.compression {
+        passed.extend(["--compression".into(), c.into()]);
+    }
+    if args.json {
+        passed.push("--json".into());
+    }
     let mut flags = Layer::default();
     flags.set_flag("repo", "--repo", args.repo);
     flags.set_flag("compression", "--compression", args.compression);
-    let path = args.path;
+    if let Some(wal_dir) = args.lookahead_worker {
+        return ExitCode::from(walcore::ops::run_hook(
+            Hook::Archive,
+            flags,
+            args.json,
+            |repo, config| async move { lookahead::run_worker(&repo, &config, &wal_dir).await },
+        ));
+    }
+    let Some(path) = args.path else {
+        return ExitCode::from(exit::usage(Hook::Archive));
+    };
     ExitCode::from(walcore::ops::run_hook(
         Hook::Archive,
         flags,
         args.json,
-        |repo| async move { walcore::ops::archive::archive_file(&repo, &path).await },
+        |repo, config| async move {
+            lookahead::archive_with_lookahead(&repo, &config, &path, &passed).await
+        },
     ))
 }

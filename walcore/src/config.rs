@@ -14,6 +14,10 @@
 //! | longest single store request | `WALCORE_REQUEST_TIMEOUT` | `60s` |
 //! | plaintext bytes per chunk | `WALCORE_CHUNK_SIZE` | `1048576` |
 //! | log level (`error` … `trace`) | `WALCORE_LOG` | `info` |
+//! | a call fails after this long without progress | `WALCORE_PROGRESS_TIMEOUT` | `60s` |
+//! | segments archived ahead at once (0: off) | `WALCORE_LOOKAHEAD` | `2` |
+//! | bytes of WAL prefetched during recovery (0: off) | `WALCORE_PREFETCH` | `256MiB` |
+//! | spool directory for look-ahead and prefetch | `WALCORE_SPOOL` | `<data dir>/pgsql_tmp_walcore` |
 //!
 //! Cloud credentials and endpoints are not walcore settings: they come from the variables the
 //! cloud's own tools read (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`, …).
@@ -37,6 +41,10 @@ pub const KEYS: &[&str] = &[
     "request_timeout",
     "chunk_size",
     "log",
+    "progress_timeout",
+    "lookahead",
+    "prefetch",
+    "spool",
 ];
 
 /// The environment variable of a setting.
@@ -119,7 +127,18 @@ pub struct Config {
     pub request_timeout: Duration,
     pub chunk_size: u32,
     pub log: String,
+    /// A call that moves no byte to or from the store for this long fails.
+    pub progress_timeout: Duration,
+    /// Segments a look-ahead worker archives at once; 0 turns look-ahead off.
+    pub lookahead: u32,
+    /// Bytes of WAL the restore spool may hold; 0 turns prefetch off.
+    pub prefetch: u64,
+    /// Spool directory; `None`: `pgsql_tmp_walcore` in the data directory.
+    pub spool: Option<std::path::PathBuf>,
 }
+
+/// Default byte bound of the restore spool.
+pub const DEFAULT_PREFETCH: u64 = 256 * 1024 * 1024;
 
 /// Looks a setting up through the layers, first found wins; returns value and origin.
 struct Resolver {
@@ -196,6 +215,31 @@ impl Config {
             Ok(n)
         })?;
         let log = r.parse("log", "info".to_string(), |v| Ok(v.to_string()))?;
+        let progress_timeout = r.parse("progress_timeout", Duration::from_secs(60), |v| {
+            parse_duration(v).and_then(|d| {
+                if d.is_zero() {
+                    Err("a progress timeout of 0 would fail every call".into())
+                } else {
+                    Ok(d)
+                }
+            })
+        })?;
+        let lookahead = r.parse("lookahead", 2, |v| {
+            v.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 64)
+                .ok_or_else(|| format!("'{v}' is not a number of segments from 0 to 64"))
+        })?;
+        let prefetch = r.parse("prefetch", DEFAULT_PREFETCH, parse_bytes)?;
+        let spool = r.parse("spool", None, |v| {
+            let p = std::path::PathBuf::from(v);
+            if p.is_absolute() {
+                Ok(Some(p))
+            } else {
+                Err(format!("'{v}' is not an absolute path"))
+            }
+        })?;
         let key = load_key(&r)?;
         Ok(Config {
             repo,
@@ -205,6 +249,10 @@ impl Config {
             request_timeout,
             chunk_size,
             log,
+            progress_timeout,
+            lookahead,
+            prefetch,
+            spool,
         })
     }
 
@@ -272,6 +320,23 @@ fn load_key(r: &Resolver) -> Result<Option<Arc<MasterKey>>, Error> {
     MasterKey::from_hex(&text)
         .map(|k| Some(Arc::new(k)))
         .map_err(|e| conf(format!("{origin}: {e}")))
+}
+
+/// `268435456`, `256MiB`, `256M`, `1G`, `512k`: binary multiples either way.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || format!("'{text}' is not a size (examples: 0, 268435456, 256MiB, 1GiB)");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 /// `90`, `90s`, `500ms`, `2m`, `1h`.
@@ -420,6 +485,16 @@ mod tests {
             c.key.expect("key").fingerprint(),
             MasterKey::from_bytes([0x11; 32]).fingerprint()
         );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512 kb"), Ok(512 << 10));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999999G").is_err());
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! - [`repo`]: a repository: a store, a codec and the cluster's metadata.
 //! - [`config`]: one configuration for every binary (flags, `WALCORE_*`, TOML).
 //! - [`replication`]: a client of PostgreSQL's replication protocol (base backups, next).
-//! - [`ops`]: one operation per binary; [`exit`] maps their errors to exit codes.
+//! - [`ops`]: one operation per binary (with look-ahead archiving and restore prefetch);
+//!   [`exit`] maps their errors to exit codes; [`progress`] ends calls that stall.
 
 pub mod codec;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod error;
 pub mod exit;
 pub mod ops;
 pub mod pg;
+pub mod progress;
 pub mod replication;
 pub mod repo;
 pub mod store;

@@ -1,6 +1,7 @@
 //! A repository: a store, the codec its objects are written with, and the metadata that ties
 //! it to one PostgreSQL cluster (FORMAT.md §5).
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,9 @@ pub struct Repository {
     store: Store,
     codec: Codec,
     retry_time: Duration,
+    /// The metadata once read: it never changes after the first push, so one process (a
+    /// look-ahead or prefetch worker handling many segments) reads it once.
+    meta: Arc<OnceLock<RepoMeta>>,
 }
 
 impl Repository {
@@ -78,6 +82,7 @@ impl Repository {
             store,
             codec: config.codec(),
             retry_time: config.retry_time,
+            meta: Arc::default(),
         })
     }
 
@@ -87,6 +92,7 @@ impl Repository {
             store,
             codec,
             retry_time,
+            meta: Arc::default(),
         }
     }
 
@@ -162,6 +168,9 @@ impl Repository {
 
     /// The repository metadata, or `None` if nothing was ever archived here.
     pub async fn read_meta(&self) -> Result<Option<RepoMeta>, Error> {
+        if let Some(meta) = self.meta.get() {
+            return Ok(Some(meta.clone()));
+        }
         match self.get_small(META_KEY).await {
             Ok(bytes) => {
                 let meta: RepoMeta = serde_json::from_slice(&bytes).map_err(|e| {
@@ -183,7 +192,7 @@ impl Repository {
                         ),
                     ));
                 }
-                Ok(Some(meta))
+                Ok(Some(self.meta.get_or_init(|| meta).clone()))
             }
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

@@ -5,6 +5,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use tracing::Instrument;
+
 use crate::error::{Error, ErrorKind};
 use crate::pg::{
     SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, check_segment_header,
@@ -21,9 +23,22 @@ pub enum Archived {
         key: String,
         bytes: u64,
         stored_bytes: u64,
+        /// CRC-32 of the file.
+        crc: u32,
     },
     /// Already in the repository with identical content; nothing written.
-    AlreadyArchived { key: String },
+    AlreadyArchived { key: String, bytes: u64, crc: u32 },
+}
+
+impl Archived {
+    /// Length and CRC-32 of the archived file.
+    pub fn plaintext(&self) -> (u64, u32) {
+        match self {
+            Archived::Stored { bytes, crc, .. } | Archived::AlreadyArchived { bytes, crc, .. } => {
+                (*bytes, *crc)
+            }
+        }
+    }
 }
 
 /// Archives the WAL file at `path` (PostgreSQL's `%p`, relative to the data directory).
@@ -36,10 +51,16 @@ pub async fn archive_file(repo: &Repository, path: &Path) -> Result<Archived, Er
     })?;
     let name = WalFileName::parse(file_name)
         .map_err(|e| Error::from(e).context(format!("refusing to archive {}", path.display())))?;
-    let key = wal_key(&name);
     let span = tracing::info_span!("archive", file = %name);
-    let _enter = span.enter();
+    archive_named(repo, path, name).instrument(span).await
+}
 
+async fn archive_named(
+    repo: &Repository,
+    path: &Path,
+    name: WalFileName,
+) -> Result<Archived, Error> {
+    let key = wal_key(&name);
     if matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial) {
         check_segment_file(repo, path, &name).await?;
     }
@@ -146,6 +167,7 @@ async fn push(repo: &Repository, path: &Path, key: &str) -> Result<Archived, Err
             key: key.to_string(),
             bytes: summary.plaintext_len,
             stored_bytes: summary.stored_len,
+            crc: summary.plaintext_crc,
         }),
         PutOutcome::AlreadyExists => {
             compare_with_stored(
@@ -220,6 +242,8 @@ async fn compare_with_stored(
     if same && summary.plaintext_crc == local_crc && summary.plaintext_len == local_len {
         return Ok(Archived::AlreadyArchived {
             key: key.to_string(),
+            bytes: local_len,
+            crc: local_crc,
         });
     }
     Err(Error::new(

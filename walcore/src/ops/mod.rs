@@ -1,7 +1,10 @@
 //! One operation per binary: what `archive_command` and `restore_command` do.
 
 pub mod archive;
+pub mod lookahead;
+pub mod prefetch;
 pub mod restore;
+pub mod spool;
 
 use std::future::Future;
 
@@ -12,11 +15,11 @@ use crate::repo::Repository;
 
 /// Everything a hook binary does around its operation: loads the configuration (`flags` over
 /// the environment over the file), starts logging, opens the repository, runs `op` on a small
-/// runtime, logs the outcome where it is handled, and returns the exit status from the one
-/// table in [`crate::exit`].
+/// runtime under the progress watchdog, logs the outcome where it is handled, and returns the
+/// exit status from the one table in [`crate::exit`].
 pub fn run_hook<T, F, Fut>(hook: Hook, flags: Layer, json: bool, op: F) -> u8
 where
-    F: FnOnce(Repository) -> Fut,
+    F: FnOnce(Repository, Config) -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
     let config = match Config::load(flags) {
@@ -33,7 +36,20 @@ where
         .worker_threads(2)
         .build()
         .map_err(|e| Error::new(ErrorKind::Internal, format!("starting the runtime: {e}")))
-        .and_then(|rt| rt.block_on(async { op(Repository::open(&config)?).await }));
+        .and_then(|rt| {
+            let result = rt.block_on(async {
+                let repo = Repository::open(&config)?;
+                let store = repo.store().describe();
+                let timeout = config.progress_timeout;
+                tokio::select! {
+                    r = op(repo, config) => r,
+                    e = crate::progress::watchdog(timeout, store) => Err(e),
+                }
+            });
+            // A stalled request may still hold a thread: do not wait for it.
+            rt.shutdown_background();
+            result
+        });
     match result {
         Ok(_) => 0,
         // An absent file is an answer, not a failure: PostgreSQL asks for files past the end of

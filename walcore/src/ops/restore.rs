@@ -9,6 +9,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read};
 use std::path::{Path, PathBuf};
 
+use tracing::Instrument;
+
 use crate::error::{Error, ErrorKind};
 use crate::pg::{
     SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, check_segment_header,
@@ -30,14 +32,17 @@ pub async fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<
         Error::from(e).context("restore_command was asked for a name that is not a WAL file name")
     })?;
     let span = tracing::info_span!("restore", file = %name);
-    let _enter = span.enter();
-    let restored = repo
-        .with_retry(&format!("restoring {name}"), || {
-            restore_once(repo, &name, dest)
-        })
-        .await?;
-    tracing::info!(key = %restored.key, bytes = restored.bytes, "restored");
-    Ok(restored)
+    async {
+        let restored = repo
+            .with_retry(&format!("restoring {name}"), || {
+                restore_once(repo, &name, dest)
+            })
+            .await?;
+        tracing::info!(key = %restored.key, bytes = restored.bytes, "restored");
+        Ok(restored)
+    }
+    .instrument(span)
+    .await
 }
 
 async fn restore_once(

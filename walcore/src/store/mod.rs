@@ -184,6 +184,28 @@ impl Store {
         }
     }
 
+    /// The last `n` bytes of an object (all of it if shorter): a trailer, without the body.
+    pub async fn tail(&self, key: &str, n: u64) -> Result<Bytes, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || {
+                    use std::io::{Seek, SeekFrom};
+                    let mut f = l.open(&key)?;
+                    let io = |e: std::io::Error| StoreError::Permanent(format!("{key}: {e}"));
+                    let len = f.metadata().map_err(io)?.len();
+                    f.seek(SeekFrom::Start(len.saturating_sub(n))).map_err(io)?;
+                    let mut out = Vec::with_capacity(usize::try_from(n.min(len)).unwrap_or(0));
+                    f.read_to_end(&mut out).map_err(io)?;
+                    Ok(Bytes::from(out))
+                })
+                .await?
+            }
+            Store::Remote(r) => r.tail(key, n).await,
+        }
+    }
+
     /// Whether an object exists, and its size.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
         match self {
@@ -265,9 +287,11 @@ impl Store {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
+    let done = tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| StoreError::Permanent(format!("worker thread failed: {e}")))
+        .map_err(|e| StoreError::Permanent(format!("worker thread failed: {e}")));
+    crate::progress::tick();
+    done
 }
 
 /// The blocking side of a download: reads pieces a task receives.

@@ -13,11 +13,12 @@ use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{
-    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig, WriteMultipart,
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
 };
 
 use super::{Piece, PutOutcome, StoreError, StoreOptions};
+use crate::progress;
 
 /// Encoded objects up to this size go up in one create-only `PUT` (`If-None-Match: *`); larger
 /// ones as a multipart upload, which stores cannot make create-only (see `put_stream`). A
@@ -161,16 +162,44 @@ impl RemoteStore {
         key: &str,
     ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
-        Ok(result.into_stream().map(|r| r.map_err(map_error)).boxed())
+        progress::tick();
+        Ok(result
+            .into_stream()
+            .map(|r| {
+                progress::tick();
+                r.map_err(map_error)
+            })
+            .boxed())
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
-        result.bytes().await.map_err(map_error)
+        progress::tick();
+        let bytes = result.bytes().await.map_err(map_error)?;
+        progress::tick();
+        Ok(bytes)
+    }
+
+    /// The last `n` bytes of an object (all of it if it is shorter).
+    pub async fn tail(&self, key: &str, n: u64) -> Result<Bytes, StoreError> {
+        let opts = GetOptions {
+            range: Some(GetRange::Suffix(n)),
+            ..GetOptions::default()
+        };
+        let result = self
+            .inner
+            .get_opts(&Path::from(key), opts)
+            .await
+            .map_err(map_error)?;
+        let bytes = result.bytes().await.map_err(map_error)?;
+        progress::tick();
+        Ok(bytes)
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match self.inner.head(&Path::from(key)).await {
+        let answer = self.inner.head(&Path::from(key)).await;
+        progress::tick_unless_failed(&answer);
+        match answer {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(map_error(e)),
@@ -213,7 +242,9 @@ impl RemoteStore {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            return match self.inner.put_opts(&path, payload, opts).await {
+            let answer = self.inner.put_opts(&path, payload, opts).await;
+            progress::tick_unless_failed(&answer);
+            return match answer {
                 Ok(_) => Ok(PutOutcome::Created),
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => Ok(PutOutcome::AlreadyExists),
@@ -232,6 +263,7 @@ impl RemoteStore {
             match pieces.recv().await {
                 Some(Piece::Data(piece)) => {
                     writer.wait_for_capacity(4).await.map_err(map_error)?;
+                    progress::tick();
                     writer.put(piece);
                 }
                 Some(Piece::End) => break,
@@ -243,6 +275,7 @@ impl RemoteStore {
             }
         }
         writer.finish().await.map_err(map_error)?;
+        progress::tick();
         Ok(PutOutcome::Created)
     }
 
@@ -252,6 +285,7 @@ impl RemoteStore {
         let mut stream = self.inner.list(Some(&prefix));
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
+            progress::tick();
             out.push(meta.map_err(map_error)?.location.to_string());
         }
         out.sort();

@@ -1,0 +1,395 @@
+//! Restore prefetch. PostgreSQL asks `restore_command` for one segment at a time and replays it
+//! before asking for the next; a detached worker fetches, verifies and decodes the following
+//! segments of the same timeline into the spool meanwhile, so that most calls only move a
+//! prepared file into place.
+//!
+//! The spool holds `<spool>/restore/<store hash>/<segment>`: files written exactly as a
+//! restore writes `%p` (fully decoded and verified, fsynced, renamed into place), by a worker
+//! that read the repository's metadata. Before one is served it is checked again: its first page
+//! must name it and carry the system identifier in the data directory's `global/pg_control`. A
+//! spool of another repository sits under another hash; one of another cluster fails the check;
+//! names carry the timeline, so another timeline's file is never a match. `.history` and
+//! `.partial` files are never prefetched: PostgreSQL may ask for them while they are still
+//! changing in the archive (a history file appears at promotion) and they are small.
+//!
+//! Coordination: the foreground writes `want` (the segment PostgreSQL asked for); the worker
+//! fetches the segments after it, as many as the byte bound holds, evicts the ones before it,
+//! holds `<segment>.lock` while fetching one (a call for that segment waits for it), and exits
+//! after [`WORKER_LINGER`] without a new request, removing what was never asked for.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind};
+use crate::ops::restore::{Restored, restore_file};
+use crate::ops::spool::{self, Lock};
+use crate::pg::{
+    SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, WalSegmentSize,
+    check_segment_header, parse_long_page_header,
+};
+use crate::repo::Repository;
+use crate::store::wal_key;
+
+/// How long a worker waits for PostgreSQL's next request before it cleans up and exits.
+const WORKER_LINGER: Duration = Duration::from_secs(30);
+/// How often the worker looks for a new request.
+const WORKER_POLL: Duration = Duration::from_millis(5);
+/// How long after "not in the repository" the worker asks again (the archive may still grow).
+const ABSENT_RETRY: Duration = Duration::from_secs(2);
+/// Segments fetched at once.
+const PARALLEL: usize = 2;
+
+/// Prefetch for one call: where the data directory and this repository's spool are.
+#[derive(Debug, Clone)]
+pub struct Prefetch {
+    data_dir: PathBuf,
+    dir: PathBuf,
+    spool: PathBuf,
+    max_bytes: u64,
+}
+
+impl Prefetch {
+    /// Prefetch for restoring into `dest`, if it is on and `dest` is in a data directory's WAL
+    /// directory.
+    pub fn for_dest(config: &Config, repo: &Repository, dest: &Path) -> Option<Prefetch> {
+        if config.prefetch == 0 {
+            return None;
+        }
+        let data_dir = spool::data_dir_of(&spool::wal_dir_of(dest)).ok()?;
+        if !data_dir.join("global/pg_control").is_file() {
+            return None;
+        }
+        Some(Prefetch::new(config, repo, data_dir))
+    }
+
+    fn new(config: &Config, repo: &Repository, data_dir: PathBuf) -> Prefetch {
+        let spool = spool::spool_dir(config, &data_dir);
+        let hash = sha2::Sha256::digest(repo.store().describe().as_bytes());
+        let dir = spool.join("restore").join(hex::encode(&hash[..8]));
+        Prefetch {
+            data_dir,
+            dir,
+            spool,
+            max_bytes: config.prefetch,
+        }
+    }
+
+    fn file(&self, name: &WalFileName) -> PathBuf {
+        self.dir.join(name.to_string())
+    }
+
+    fn lock_path(&self, name: &WalFileName) -> PathBuf {
+        self.dir.join(format!("{name}.lock"))
+    }
+
+    fn want_path(&self) -> PathBuf {
+        self.dir.join("want")
+    }
+
+    /// The system identifier in the data directory's `pg_control` (its first 8 bytes).
+    fn system_id(&self) -> Option<u64> {
+        let mut b = [0u8; 8];
+        File::open(self.data_dir.join("global/pg_control"))
+            .and_then(|mut f| f.read_exact(&mut b))
+            .ok()?;
+        Some(u64::from_ne_bytes(b))
+    }
+
+    /// Notes that PostgreSQL asked for `name` and makes sure a worker is running. Failures
+    /// here only cost speed: they are logged, never returned.
+    fn kick(&self, name: &WalFileName, worker_args: &[OsString]) {
+        let attempt = || -> Result<(), Error> {
+            spool::make_dir(&self.dir).map_err(|e| local(&self.dir, e))?;
+            spool::write_atomic(&self.want_path(), &name.to_string())
+                .map_err(|e| local(&self.want_path(), e))?;
+            if spool::is_locked(&self.dir.join("worker.lock")) {
+                return Ok(());
+            }
+            let log = self.spool.join("restore-worker.log");
+            spool::trim_log(&log);
+            let mut args: Vec<OsString> =
+                vec!["--prefetch-worker".into(), self.data_dir.clone().into()];
+            args.extend_from_slice(worker_args);
+            spool::spawn_detached(&args, &log)
+        };
+        if let Err(e) = attempt() {
+            tracing::warn!("prefetch is off for this call: {e}");
+        }
+    }
+
+    /// Moves a prefetched `name` into `dest` if the spool has it and it holds up.
+    fn serve(&self, name: &WalFileName, dest: &Path) -> Option<u64> {
+        let file = self.file(name);
+        let mut first = [0u8; SIZE_OF_XLOG_LONG_PHD];
+        let len = File::open(&file)
+            .and_then(|mut f| {
+                f.read_exact(&mut first)?;
+                f.metadata()
+            })
+            .ok()?
+            .len();
+        let checked = parse_long_page_header(&first)
+            .map_err(|e| e.to_string())
+            .and_then(|h| {
+                let size = WalSegmentSize::new(h.seg_size).map_err(|e| e.to_string())?;
+                check_segment_header(
+                    &first,
+                    &SegmentExpectations {
+                        name: name.clone(),
+                        system_id: Some(self.system_id().ok_or("pg_control is unreadable")?),
+                        seg_size: Some(size),
+                    },
+                )
+                .map_err(|e| e.to_string())?;
+                if len == u64::from(size.bytes()) {
+                    Ok(())
+                } else {
+                    Err(format!("{len} bytes, not {}", size.bytes()))
+                }
+            });
+        if let Err(why) = checked {
+            tracing::warn!("prefetched {name} does not hold up ({why}); fetching it again");
+            let _ = fs::remove_file(&file);
+            return None;
+        }
+        if let Err(e) = move_into_place(&file, dest) {
+            tracing::warn!("could not move prefetched {name} into place ({e}); fetching it again");
+            return None;
+        }
+        Some(len)
+    }
+}
+
+fn local(path: &Path, e: io::Error) -> Error {
+    Error::new(ErrorKind::LocalIo, format!("{}: {e}", path.display()))
+}
+
+/// Renames `from` (already fsynced) to `to` and syncs the directory; across file systems
+/// (a symlinked `pg_wal`), copies, syncs and renames instead.
+fn move_into_place(from: &Path, to: &Path) -> io::Result<()> {
+    let dir = spool::wal_dir_of(to);
+    match fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(18) => {
+            // EXDEV
+            let temp = to.with_extension("walcore-prefetch.tmp");
+            fs::copy(from, &temp)?;
+            File::open(&temp)?.sync_all()?;
+            fs::rename(&temp, to)?;
+            let _ = fs::remove_file(from);
+        }
+        Err(e) => return Err(e),
+    }
+    crate::store::local::fsync_dir(&dir)
+}
+
+/// `restore_command` with prefetch: serves `name` from the spool when it was prefetched, else
+/// fetches it; and keeps a worker fetching the segments after it. `worker_args` are the flags
+/// the worker must be started with.
+pub async fn restore_with_prefetch(
+    repo: &Repository,
+    config: &Config,
+    name: &str,
+    dest: &Path,
+    worker_args: &[OsString],
+) -> Result<Restored, Error> {
+    let pf = Prefetch::for_dest(config, repo, dest);
+    let wal = WalFileName::parse(name)
+        .ok()
+        .filter(|n| *n.kind() == WalFileKind::Segment);
+    let (Some(pf), Some(wal)) = (pf, wal) else {
+        return restore_file(repo, name, dest).await;
+    };
+    // If the worker is fetching this very segment, its result is the quickest answer.
+    let lock = pf.lock_path(&wal);
+    let wait = config.progress_timeout / 2;
+    let served = {
+        let pf = pf.clone();
+        let wal = wal.clone();
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            spool::wait_unlocked(&lock, wait);
+            pf.serve(&wal, &dest)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?
+    };
+    crate::progress::tick();
+    if let Some(bytes) = served {
+        pf.kick(&wal, worker_args);
+        tracing::info!(file = %wal, bytes, "restored (prefetched)");
+        return Ok(Restored {
+            key: wal_key(&wal),
+            bytes,
+        });
+    }
+    let restored = restore_file(repo, name, dest).await?;
+    pf.kick(&wal, worker_args);
+    Ok(restored)
+}
+
+/// The detached worker: keeps the segments after the one PostgreSQL last asked for in the
+/// spool, within the byte bound, until no request came for [`WORKER_LINGER`]. One per spool.
+pub async fn run_worker(repo: &Repository, config: &Config, data_dir: &Path) -> Result<(), Error> {
+    let pf = Prefetch::new(config, repo, data_dir.to_path_buf());
+    spool::make_dir(&pf.dir).map_err(|e| local(&pf.dir, e))?;
+    let Some(_worker) =
+        Lock::try_take(&pf.dir.join("worker.lock")).map_err(|e| local(&pf.dir, e))?
+    else {
+        return Ok(());
+    };
+    remove_temporaries(&pf.dir);
+    let meta = repo.read_meta().await?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!("{} holds no walcore repository", repo.store().describe()),
+        )
+    })?;
+    let seg_size = meta.segment_size()?;
+    let window = (pf.max_bytes / u64::from(seg_size.bytes())).max(1);
+    tracing::info!(spool = %pf.dir.display(), window, "prefetch worker started");
+
+    let mut want: Option<WalFileName> = None;
+    let mut last_request = Instant::now();
+    let mut absent: BTreeMap<WalFileName, Instant> = BTreeMap::new();
+    let mut running = tokio::task::JoinSet::new();
+    let mut in_flight: Vec<WalFileName> = Vec::new();
+    let (mut fetched, mut evicted) = (0u64, 0u64);
+    loop {
+        while let Some(done) = running.try_join_next() {
+            let (name, result): (WalFileName, Result<Restored, Error>) =
+                done.map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+            in_flight.retain(|n| *n != name);
+            match result {
+                Ok(_) => fetched += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    absent.insert(name, Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "prefetching {name} failed, PostgreSQL's call will fetch it: {e:#}"
+                    );
+                    absent.insert(name, Instant::now());
+                }
+            }
+        }
+        if !pf.data_dir.join("global/pg_control").exists() {
+            break;
+        }
+        let now_want = spool::read_text(&pf.want_path())
+            .and_then(|t| WalFileName::parse(t.trim()).ok())
+            .filter(|w| *w.kind() == WalFileKind::Segment);
+        if now_want != want {
+            want = now_want;
+            last_request = Instant::now();
+            evicted += evict_outside(&pf, want.as_ref(), window, seg_size);
+        } else if last_request.elapsed() >= WORKER_LINGER && running.is_empty() {
+            break;
+        }
+        if let Some(w) = &want {
+            let segno = w.segno(seg_size)?;
+            let mut next = segno;
+            for _ in 0..window {
+                if running.len() >= PARALLEL {
+                    break;
+                }
+                next = next.next();
+                let name = WalFileName::segment(w.timeline(), next, seg_size);
+                if in_flight.contains(&name) || pf.file(&name).exists() {
+                    continue;
+                }
+                if absent
+                    .get(&name)
+                    .is_some_and(|t| t.elapsed() < ABSENT_RETRY)
+                {
+                    continue;
+                }
+                let Ok(Some(lock)) = Lock::try_take(&pf.lock_path(&name)) else {
+                    continue;
+                };
+                in_flight.push(name.clone());
+                let repo = repo.clone();
+                let dest = pf.file(&name);
+                running.spawn(async move {
+                    let result = restore_file(&repo, &name.to_string(), &dest).await;
+                    lock.release_and_remove();
+                    (name, result)
+                });
+            }
+        }
+        if running.is_empty() {
+            // Waiting for PostgreSQL is not a stall.
+            crate::progress::tick();
+        }
+        tokio::time::sleep(WORKER_POLL).await;
+    }
+    while running.join_next().await.is_some() {}
+    let left = evict_outside(&pf, None, window, seg_size);
+    tracing::info!(
+        fetched,
+        unused = left,
+        evicted,
+        peak_rss_kib = crate::ops::lookahead::peak_rss_kib(),
+        "prefetch worker done"
+    );
+    Ok(())
+}
+
+/// Removes prefetched segments outside the window after `want` (all of them for `None`);
+/// returns how many.
+fn evict_outside(
+    pf: &Prefetch,
+    want: Option<&WalFileName>,
+    window: u64,
+    size: WalSegmentSize,
+) -> u64 {
+    let keep = |name: &WalFileName| -> bool {
+        let Some(w) = want else { return false };
+        if name.timeline() != w.timeline() {
+            return false;
+        }
+        match (name.segno(size), w.segno(size)) {
+            (Ok(n), Ok(w)) => n > w && n.0 - w.0 <= window,
+            _ => false,
+        }
+    };
+    let Ok(entries) = fs::read_dir(&pf.dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.filter_map(Result::ok) {
+        let Some(name) = e
+            .file_name()
+            .to_str()
+            .and_then(|f| WalFileName::parse(f).ok())
+        else {
+            continue;
+        };
+        if !keep(&name) && fs::remove_file(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Removes decode temporaries an interrupted worker left behind.
+fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|f| f.starts_with('.') && f.ends_with(".tmp"))
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
