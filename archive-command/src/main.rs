@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         flags,
         args.json,
         |repo, config| async move {
-            lookahead::archive_with_lookahead(&repo, &config, &path, &passed).await
+            lookahead::archive_with_lookahead(&repo, &config, &path, Some(&passed)).await
         },
     ))
 }

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         flags,
         args.json,
         |repo, config| async move {
-            prefetch::restore_with_prefetch(&repo, &config, &name, &dest, &passed).await
+            prefetch::restore_with_prefetch(&repo, &config, &name, &dest, Some(&passed)).await
         },
     ))
 }

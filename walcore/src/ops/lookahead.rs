@@ -93,7 +93,7 @@ impl LookAhead {
 
     /// Notes that PostgreSQL is asking for `name` and makes sure a worker is running. Failures
     /// here only cost speed: they are logged, never returned.
-    fn kick(&self, name: &WalFileName, worker_args: &[OsString]) {
+    fn kick(&self, name: &WalFileName, worker_args: Option<&[OsString]>) {
         let attempt = || -> Result<(), Error> {
             let dir = self.dir();
             spool::make_dir(&dir).map_err(|e| local(&dir, e))?;
@@ -103,6 +103,9 @@ impl LookAhead {
             if spool::is_locked(&worker_lock) || !has_ready_after(&self.wal_dir, name) {
                 return Ok(());
             }
+            let Some(worker_args) = worker_args else {
+                return Ok(());
+            };
             let log = self.spool.join("archive-worker.log");
             spool::trim_log(&log);
             let mut args: Vec<OsString> =
@@ -236,12 +239,13 @@ async fn verified_record(
 
 /// `archive_command` with look-ahead: answers for `path` (0 only once it is durable) and keeps
 /// a worker archiving the segments after it. `worker_args` are the flags the worker must be
-/// started with (the repository and compression given on the command line).
+/// started with (the repository and compression given on the command line); `None` starts no
+/// worker (a program embedding walcore runs [`run_worker`] itself).
 pub async fn archive_with_lookahead(
     repo: &Repository,
     config: &Config,
     path: &Path,
-    worker_args: &[OsString],
+    worker_args: Option<&[OsString]>,
 ) -> Result<Archived, Error> {
     let la = LookAhead::for_path(config, path);
     let name = path
@@ -392,6 +396,90 @@ pub fn peak_rss_kib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Layer;
+    use crate::pg::{LongPageHeader, Lsn, TimelineId};
+
+    const SEG: u32 = 16 << 20;
+
+    /// A 16 MiB segment `no` of timeline 1 with a valid first page and some content of its own.
+    fn segment(no: u64, salt: u8) -> Vec<u8> {
+        let mut seg = vec![salt; SEG as usize];
+        let header = LongPageHeader {
+            magic: 0xD110,
+            info: 0x0006,
+            timeline: TimelineId(1),
+            page_addr: Lsn(no * u64::from(SEG)),
+            rem_len: 0,
+            system_id: 7_000_000_000_000_000_001,
+            seg_size: SEG,
+            block_size: 8192,
+        };
+        seg[..40].copy_from_slice(&header.encode());
+        seg[8192..8200].copy_from_slice(&no.to_le_bytes());
+        seg
+    }
+
+    fn seg_name(no: u64) -> String {
+        format!("00000001{:08X}{:08X}", no >> 8, no & 0xff)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn worker_records_are_verified_before_they_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = dir.path().join("data/pg_wal");
+        fs::create_dir_all(wal.join("archive_status")).expect("pg_wal");
+        for no in 1..=4 {
+            fs::write(wal.join(seg_name(no)), segment(no, 0)).expect("segment");
+            fs::write(
+                wal.join(format!("archive_status/{}.ready", seg_name(no))),
+                "",
+            )
+            .expect("ready");
+        }
+        fs::create_dir(dir.path().join("repo")).expect("repository directory");
+        let repo_url = format!("file://{}", dir.path().join("repo").display());
+        let config = Config::load_with(Layer::default(), |k| match k {
+            "WALCORE_REPO" => Some(repo_url.clone()),
+            "WALCORE_ENCRYPTION_KEY" => Some("42".repeat(32)),
+            _ => None,
+        })
+        .expect("config");
+        let repo = Repository::open(&config).expect("repo");
+        let call = |no: u64| {
+            let (repo, config, path) = (repo.clone(), config.clone(), wal.join(seg_name(no)));
+            async move { archive_with_lookahead(&repo, &config, &path, None).await }
+        };
+
+        // PostgreSQL asks for 1: stored by the call; then the worker takes 2, 3 and 4.
+        let first = call(1).await;
+        assert!(matches!(first, Ok(Archived::Stored { .. })), "{first:?}");
+        run_worker(&repo, &config, &wal).await.expect("worker");
+        let la = LookAhead::for_worker(&config, &wal).expect("look-ahead");
+        let record = |no: u64| la.record_path(&WalFileName::parse(&seg_name(no)).expect("name"));
+        for no in 2..=4 {
+            assert!(record(no).exists(), "no record for segment {no}");
+        }
+
+        // 2: the record holds up; answered from it, and the record is used up.
+        assert!(matches!(
+            call(2).await,
+            Ok(Archived::AlreadyArchived { .. })
+        ));
+        assert!(!record(2).exists());
+
+        // 3: the file PostgreSQL hands over is not the one recorded: the record is not
+        // believed, and the stored object (different content) is a loud conflict.
+        fs::write(wal.join(seg_name(3)), segment(3, 1)).expect("rewrite");
+        let e = call(3)
+            .await
+            .expect_err("a different file under an archived name");
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+
+        // 4: the record is right but the object is gone: the call stores it again.
+        let key = wal_key(&WalFileName::parse(&seg_name(4)).expect("name"));
+        fs::remove_file(dir.path().join("repo").join(&key)).expect("remove object");
+        assert!(matches!(call(4).await, Ok(Archived::Stored { .. })));
+    }
 
     #[test]
     fn records_round_trip_and_reject_garbage() {

@@ -104,7 +104,7 @@ impl Prefetch {
 
     /// Notes that PostgreSQL asked for `name` and makes sure a worker is running. Failures
     /// here only cost speed: they are logged, never returned.
-    fn kick(&self, name: &WalFileName, worker_args: &[OsString]) {
+    fn kick(&self, name: &WalFileName, worker_args: Option<&[OsString]>) {
         let attempt = || -> Result<(), Error> {
             spool::make_dir(&self.dir).map_err(|e| local(&self.dir, e))?;
             spool::write_atomic(&self.want_path(), &name.to_string())
@@ -112,6 +112,9 @@ impl Prefetch {
             if spool::is_locked(&self.dir.join("worker.lock")) {
                 return Ok(());
             }
+            let Some(worker_args) = worker_args else {
+                return Ok(());
+            };
             let log = self.spool.join("restore-worker.log");
             spool::trim_log(&log);
             let mut args: Vec<OsString> =
@@ -192,13 +195,14 @@ fn move_into_place(from: &Path, to: &Path) -> io::Result<()> {
 
 /// `restore_command` with prefetch: serves `name` from the spool when it was prefetched, else
 /// fetches it; and keeps a worker fetching the segments after it. `worker_args` are the flags
-/// the worker must be started with.
+/// the worker must be started with; `None` starts no worker (a program embedding walcore runs
+/// [`run_worker`] itself).
 pub async fn restore_with_prefetch(
     repo: &Repository,
     config: &Config,
     name: &str,
     dest: &Path,
-    worker_args: &[OsString],
+    worker_args: Option<&[OsString]>,
 ) -> Result<Restored, Error> {
     let pf = Prefetch::for_dest(config, repo, dest);
     let wal = WalFileName::parse(name)
@@ -207,6 +211,8 @@ pub async fn restore_with_prefetch(
     let (Some(pf), Some(wal)) = (pf, wal) else {
         return restore_file(repo, name, dest).await;
     };
+    // First say what PostgreSQL wants, so the worker moves on to what follows it.
+    pf.kick(&wal, worker_args);
     // If the worker is fetching this very segment, its result is the quickest answer.
     let lock = pf.lock_path(&wal);
     let wait = config.progress_timeout / 2;
@@ -223,21 +229,27 @@ pub async fn restore_with_prefetch(
     };
     crate::progress::tick();
     if let Some(bytes) = served {
-        pf.kick(&wal, worker_args);
         tracing::info!(file = %wal, bytes, "restored (prefetched)");
         return Ok(Restored {
             key: wal_key(&wal),
             bytes,
         });
     }
-    let restored = restore_file(repo, name, dest).await?;
-    pf.kick(&wal, worker_args);
-    Ok(restored)
+    restore_file(repo, name, dest).await
 }
 
 /// The detached worker: keeps the segments after the one PostgreSQL last asked for in the
 /// spool, within the byte bound, until no request came for [`WORKER_LINGER`]. One per spool.
 pub async fn run_worker(repo: &Repository, config: &Config, data_dir: &Path) -> Result<(), Error> {
+    run_worker_lingering(repo, config, data_dir, WORKER_LINGER).await
+}
+
+async fn run_worker_lingering(
+    repo: &Repository,
+    config: &Config,
+    data_dir: &Path,
+    linger: Duration,
+) -> Result<(), Error> {
     let pf = Prefetch::new(config, repo, data_dir.to_path_buf());
     spool::make_dir(&pf.dir).map_err(|e| local(&pf.dir, e))?;
     let Some(_worker) =
@@ -290,7 +302,7 @@ pub async fn run_worker(repo: &Repository, config: &Config, data_dir: &Path) -> 
             want = now_want;
             last_request = Instant::now();
             evicted += evict_outside(&pf, want.as_ref(), window, seg_size);
-        } else if last_request.elapsed() >= WORKER_LINGER && running.is_empty() {
+        } else if last_request.elapsed() >= linger && running.is_empty() {
             break;
         }
         if let Some(w) = &want {
@@ -342,7 +354,7 @@ pub async fn run_worker(repo: &Repository, config: &Config, data_dir: &Path) -> 
     Ok(())
 }
 
-/// Removes prefetched segments outside the window after `want` (all of them for `None`);
+/// Removes prefetched segments outside `want` and the window after it (all of them for `None`);
 /// returns how many.
 fn evict_outside(
     pf: &Prefetch,
@@ -356,7 +368,7 @@ fn evict_outside(
             return false;
         }
         match (name.segno(size), w.segno(size)) {
-            (Ok(n), Ok(w)) => n > w && n.0 - w.0 <= window,
+            (Ok(n), Ok(w)) => n >= w && n.0 - w.0 <= window,
             _ => false,
         }
     };
@@ -391,5 +403,112 @@ fn remove_temporaries(dir: &Path) {
         {
             let _ = fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layer;
+    use crate::ops::archive::archive_file;
+    use crate::pg::{LongPageHeader, Lsn, TimelineId};
+
+    const SEG: u32 = 16 << 20;
+    const SYSID: u64 = 7_000_000_000_000_000_002;
+
+    fn segment(no: u64, system_id: u64) -> Vec<u8> {
+        let mut seg = vec![0u8; SEG as usize];
+        let header = LongPageHeader {
+            magic: 0xD110,
+            info: 0x0006,
+            timeline: TimelineId(1),
+            page_addr: Lsn(no * u64::from(SEG)),
+            rem_len: 0,
+            system_id,
+            seg_size: SEG,
+            block_size: 8192,
+        };
+        seg[..40].copy_from_slice(&header.encode());
+        seg[8192..8200].copy_from_slice(&no.to_le_bytes());
+        seg
+    }
+
+    fn seg_name(no: u64) -> String {
+        format!("00000001{:08X}{:08X}", no >> 8, no & 0xff)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetched_files_are_checked_before_they_are_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        let data = dir.path().join("data");
+        fs::create_dir_all(&source).expect("source");
+        fs::create_dir_all(data.join("pg_wal")).expect("pg_wal");
+        fs::create_dir_all(data.join("global")).expect("global");
+        let mut control = SYSID.to_ne_bytes().to_vec();
+        control.resize(8192, 0);
+        fs::write(data.join("global/pg_control"), control).expect("pg_control");
+        fs::create_dir(dir.path().join("repo")).expect("repository directory");
+        let repo_url = format!("file://{}", dir.path().join("repo").display());
+        let config = Config::load_with(Layer::default(), |k| match k {
+            "WALCORE_REPO" => Some(repo_url.clone()),
+            "WALCORE_PREFETCH" => Some("64MiB".into()),
+            _ => None,
+        })
+        .expect("config");
+        let repo = Repository::open(&config).expect("repo");
+        for no in 1..=4 {
+            let path = source.join(seg_name(no));
+            fs::write(&path, segment(no, SYSID)).expect("segment");
+            archive_file(&repo, &path).await.expect("archive");
+        }
+        let dest = data.join("pg_wal/RECOVERYXLOG");
+        let call = |no: u64| {
+            let (repo, config, dest) = (repo.clone(), config.clone(), dest.clone());
+            async move {
+                let r = restore_with_prefetch(&repo, &config, &seg_name(no), &dest, None).await;
+                let got = fs::read(&dest);
+                let _ = fs::remove_file(&dest);
+                r.map(|_| got.expect("restored file"))
+            }
+        };
+
+        assert_eq!(call(1).await.expect("restore 1"), segment(1, SYSID));
+        let worker = {
+            let (repo, config, data) = (repo.clone(), config.clone(), data.clone());
+            tokio::spawn(async move {
+                run_worker_lingering(&repo, &config, &data, Duration::from_millis(500)).await
+            })
+        };
+        let pf = Prefetch::for_dest(&config, &repo, &dest).expect("prefetch is on");
+        let spooled = |no: u64| pf.file(&WalFileName::parse(&seg_name(no)).expect("name"));
+        let start = Instant::now();
+        while !(2..=4).all(|no| spooled(no).exists()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nothing prefetched"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // 2 is served from the spool (moved, so it is gone from there).
+        assert_eq!(call(2).await.expect("restore 2"), segment(2, SYSID));
+        assert!(!spooled(2).exists(), "2 was not served from the spool");
+
+        // 3 in the spool belongs to another cluster: not served; fetched from the repository.
+        fs::write(spooled(3), segment(3, SYSID + 1)).expect("plant");
+        assert_eq!(call(3).await.expect("restore 3"), segment(3, SYSID));
+
+        // Past the end of the archive is still "absent".
+        let e = call(5).await.expect_err("5 was never archived");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+
+        worker.await.expect("join").expect("worker");
+        let left: Vec<_> = fs::read_dir(&pf.dir)
+            .expect("spool")
+            .filter_map(Result::ok)
+            .filter(|e| WalFileName::parse(&e.file_name().to_string_lossy()).is_ok())
+            .collect();
+        assert!(left.is_empty(), "the worker left {left:?}");
     }
 }
