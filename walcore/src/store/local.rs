@@ -101,6 +101,11 @@ impl LocalStore {
             let outcome = match fs::hard_link(&temp, &target) {
                 Ok(()) => PutOutcome::Created,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                // Another writer of this key finished first and swept our temporary file away
+                // (see below): the key exists, which is what a create-only write reports.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && target.exists() => {
+                    PutOutcome::AlreadyExists
+                }
                 Err(e) => return Err(PutError::Store(io_error(e))),
             };
             Ok((outcome, value))
@@ -111,6 +116,9 @@ impl LocalStore {
         if outcome == PutOutcome::Created {
             fsync_dir(&dir).map_err(|e| PutError::Store(io_error(e)))?;
         }
+        // The key exists now, so every other temporary file for it is useless: a writer that
+        // was killed left it, or one still writing will find the key taken either way.
+        remove_temporaries_of(&dir, &file_name);
         Ok((outcome, value))
     }
 
@@ -193,6 +201,22 @@ fn create_dir_durable(dir: &Path, root: &Path) -> io::Result<()> {
 }
 
 /// Fsyncs a directory so that entries created in it are durable.
+/// Removes the temporary files of object `file_name` in `dir` (best effort).
+fn remove_temporaries_of(dir: &Path, file_name: &str) {
+    let prefix = format!("{TEMP_PREFIX}{file_name}.");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&prefix))
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -239,5 +263,33 @@ mod tests {
         assert!(matches!(r, Err(PutError::Produce(ref m)) if m == "boom"));
         assert!(store.head("k").expect("head").is_none());
         assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_file_goes_when_the_key_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().to_path_buf());
+        // What a writer killed before its link leaves behind, and another key's.
+        let stale = dir.path().join(format!("{TEMP_PREFIX}k.0011223344556677"));
+        let other = dir.path().join(format!("{TEMP_PREFIX}kk.0011223344556677"));
+        fs::write(&stale, b"half").expect("stale");
+        fs::write(&other, b"half").expect("other");
+        let put = |data: &'static [u8]| {
+            store
+                .put_create_with("k", |w| w.write_all(data).map_err(|e| e.to_string()))
+                .map(|(o, ())| o)
+                .map_err(|e| format!("{e:?}"))
+        };
+        assert_eq!(put(b"one").expect("put"), PutOutcome::Created);
+        assert!(
+            !stale.exists(),
+            "the killed writer's temporary file is still there"
+        );
+        assert!(other.exists(), "another key's temporary file was removed");
+        // Also when the key already existed.
+        fs::write(&stale, b"half").expect("stale");
+        assert_eq!(put(b"two").expect("put"), PutOutcome::AlreadyExists);
+        assert!(!stale.exists());
+        assert_eq!(store.get("k").expect("get"), b"one");
     }
 }
