@@ -450,6 +450,32 @@ impl Cluster {
         BaseBackup { path, _dir: dir }
     }
 
+    /// `pg_basebackup -Ft -X none -c fast` (tar format) into a new temporary directory; the
+    /// returned path is that directory, holding `base.tar`.
+    pub fn base_backup_tar(&self) -> BaseBackup {
+        let dir = sys::server_tempdir("wcbt");
+        let path = sys::server_mkdir(&dir.path().join("tar"));
+        let mut cmd = pg_command("pg_basebackup", dir.path());
+        cmd.arg("-h")
+            .arg(&self.sock)
+            .args([
+                "-p", "5432", "-U", "postgres", "-Ft", "-X", "none", "-c", "fast",
+            ])
+            .arg("-D")
+            .arg(&path);
+        let out = sys::run(&mut cmd, Duration::from_secs(180));
+        assert!(
+            out.status.success(),
+            "pg_basebackup -Ft failed ({:?}{}): {}{}\n--- server log ---\n{}",
+            out.status,
+            if out.timed_out { ", timed out" } else { "" },
+            out.stdout,
+            out.stderr,
+            sys::tail(&self.server_log(), 60)
+        );
+        BaseBackup { path, _dir: dir }
+    }
+
     /// Prepares an archive recovery: `recovery.signal`, `restore_command`, and when given, a
     /// `recovery_target_time` with `recovery_target_action = 'promote'`.
     pub fn recover_with(&self, restore_command: &str, target_time: Option<&str>) {

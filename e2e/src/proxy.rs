@@ -5,11 +5,14 @@
 //! [`Fault`], the proxy serves normally until the first request whose request line contains the
 //! needle; from then on, until disarmed, it answers *every* request with the fault: the endpoint
 //! has gone away in the middle of a recovery.
+//!
+//! [`Fault::Stall`] holds each faulted connection open without answering until the proxy is
+//! disarmed, re-armed or dropped; the connection's thread sleeps on a condition variable
+//! meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::http::head_end;
@@ -21,6 +24,10 @@ pub enum Fault {
     Drop,
     /// Answer `403 Forbidden` with an S3 `AccessDenied` error (permission withdrawn).
     Forbidden,
+    /// Read the request head, then never answer: the connection stays open, silent, until the
+    /// proxy is disarmed, re-armed or dropped (then it is closed). A request body beyond what
+    /// the kernel buffers is never read, so an upload stalls too.
+    Stall,
 }
 
 #[derive(Debug, Default)]
@@ -29,14 +36,37 @@ struct State {
     tripped: bool,
     faulted: u64,
     request_lines: Vec<String>,
+    /// Bumped by every arm, disarm and drop: a stall lasts while this stays what it was.
+    epoch: u64,
+    stopped: bool,
+    /// Connections held open by [`Fault::Stall`] right now.
+    stalled: u64,
 }
 
-/// A running proxy. Dropping it stops accepting connections.
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled whenever `epoch` changes.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the current arming: stalled connections are released.
+    fn bump(&self, s: &mut State) {
+        s.epoch += 1;
+        self.changed.notify_all();
+    }
+}
+
+/// A running proxy. Dropping it stops accepting connections and releases stalled ones.
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 /// Largest request head the proxy accepts.
@@ -48,26 +78,25 @@ impl FaultProxy {
         let listener =
             TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the proxy's loopback port");
         let addr = listener.local_addr().expect("proxy address");
-        let state = Arc::new(Mutex::new(State::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (state.clone(), stop.clone());
+        let shared = Arc::new(Shared::default());
+        let sh = shared.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
-                if sp.load(Ordering::SeqCst) {
+                if sh.lock().stopped {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let st = st.clone();
+                let sh = sh.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, upstream, &st);
+                    let _ = serve(conn, upstream, &sh);
                 });
             }
         });
-        FaultProxy { addr, state, stop }
+        FaultProxy { addr, shared }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     /// `http://127.0.0.1:PORT`, for `AWS_ENDPOINT_URL`.
@@ -81,6 +110,7 @@ impl FaultProxy {
         let mut s = self.lock();
         s.armed = Some((needle.to_string(), fault));
         s.tripped = false;
+        self.shared.bump(&mut s);
     }
 
     /// Serve normally again.
@@ -88,11 +118,17 @@ impl FaultProxy {
         let mut s = self.lock();
         s.armed = None;
         s.tripped = false;
+        self.shared.bump(&mut s);
     }
 
     /// How many requests got the fault so far.
     pub fn faulted(&self) -> u64 {
         self.lock().faulted
+    }
+
+    /// How many connections [`Fault::Stall`] holds open right now.
+    pub fn stalled(&self) -> u64 {
+        self.lock().stalled
     }
 
     /// Every request line seen so far.
@@ -103,13 +139,17 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        {
+            let mut s = self.lock();
+            s.stopped = true;
+            self.shared.bump(&mut s);
+        }
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
 }
 
-fn serve(mut client: TcpStream, upstream: SocketAddr, state: &Mutex<State>) -> std::io::Result<()> {
+fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
@@ -129,10 +169,10 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, state: &Mutex<State>) -> s
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let request_line = head.lines().next().unwrap_or("").to_string();
 
-    let fault = {
-        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let (fault, epoch) = {
+        let mut s = shared.lock();
         s.request_lines.push(request_line.clone());
-        if let Some((needle, fault)) = &s.armed {
+        let fault = if let Some((needle, fault)) = &s.armed {
             let fault = *fault;
             if s.tripped || request_line.contains(needle.as_str()) {
                 s.tripped = true;
@@ -143,9 +183,22 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, state: &Mutex<State>) -> s
             }
         } else {
             None
-        }
+        };
+        (fault, s.epoch)
     };
     match fault {
+        Some(Fault::Stall) => {
+            // Hold the connection, unanswered, until the arming changes or the proxy goes.
+            let mut s = shared.lock();
+            s.stalled += 1;
+            while s.epoch == epoch && !s.stopped {
+                s = shared.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.stalled -= 1;
+            drop(s);
+            let _ = client.shutdown(Shutdown::Both);
+            return Ok(());
+        }
         Some(Fault::Drop) => {
             let _ = client.shutdown(Shutdown::Both);
             return Ok(());

@@ -14,9 +14,9 @@ use walcore_e2e::{Cluster, Fault, FaultProxy, Moto, Repo, bins, moto};
 
 /// Real WAL, made once per test process: full 16 MiB segments of one cluster, and a segment of
 /// another cluster (another system identifier).
-struct Samples {
+pub(crate) struct Samples {
     /// Segments of the main cluster, in order (at least 3).
-    segments: Vec<PathBuf>,
+    pub(crate) segments: Vec<PathBuf>,
     system_id: String,
     /// The first segment of the foreign cluster.
     foreign: PathBuf,
@@ -51,7 +51,7 @@ fn collect_wal(cluster: Cluster, dir: &Path, rows: u32) -> (Vec<PathBuf>, String
     (segments, system_id)
 }
 
-fn samples() -> &'static Samples {
+pub(crate) fn samples() -> &'static Samples {
     static SAMPLES: OnceLock<Samples> = OnceLock::new();
     SAMPLES.get_or_init(|| {
         let scratch = sys::process_scratch();
@@ -72,14 +72,14 @@ fn samples() -> &'static Samples {
     })
 }
 
-fn name_of(path: &Path) -> String {
+pub(crate) fn name_of(path: &Path) -> String {
     path.file_name()
         .expect("a file name")
         .to_string_lossy()
         .into_owned()
 }
 
-fn describe(what: &str, out: &Output) -> String {
+pub(crate) fn describe(what: &str, out: &Output) -> String {
     format!(
         "{what}: exit {:?}{}\n--- stderr ---\n{}",
         out.code(),
@@ -124,14 +124,14 @@ fn assert_restore_fatal(out: &Output, what: &str) {
 }
 
 /// A fresh directory for restore destinations.
-fn dest_dir() -> tempfile::TempDir {
+pub(crate) fn dest_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("wcdest")
         .tempdir_in("/tmp")
         .expect("temporary directory")
 }
 
-fn assert_empty(dir: &Path, what: &str) {
+pub(crate) fn assert_empty(dir: &Path, what: &str) {
     let left: Vec<String> = std::fs::read_dir(dir)
         .expect("read destination directory")
         .flatten()

@@ -12,3 +12,4 @@ mod replication;
 mod scenario;
 mod selftest;
 mod store_conformance;
+mod throughput;
