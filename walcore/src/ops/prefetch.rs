@@ -3,9 +3,11 @@
 //! segments of the same timeline into the spool meanwhile, so that most calls only move a
 //! prepared file into place.
 //!
-//! The spool holds `<spool>/restore/<store hash>/<segment>`: files written exactly as a
-//! restore writes `%p` (fully decoded and verified, fsynced, renamed into place), by a worker
-//! that read the repository's metadata. Before one is served it is checked again: its first page
+//! The spool holds `<spool>/restore/<hash of store and boot>/<segment>`: files written as a
+//! restore writes `%p` (fully decoded and verified, renamed into place complete), by a worker
+//! that read the repository's metadata. They are not fsynced: the spool of an earlier boot is
+//! never read, and PostgreSQL fsyncs a restored file itself when it keeps it (a standby's
+//! `pg_wal`); a served file is renamed into place and its directory synced. Before one is served it is checked again: its first page
 //! must name it and carry the system identifier in the data directory's `global/pg_control`. A
 //! spool of another repository sits under another hash; one of another cluster fails the check;
 //! names carry the timeline, so another timeline's file is never a match. `.history` and
@@ -28,7 +30,7 @@ use sha2::Digest;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
-use crate::ops::restore::{Restored, restore_file};
+use crate::ops::restore::{Durability, Restored, restore_file, restore_file_with};
 use crate::ops::spool::{self, Lock};
 use crate::pg::{
     SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, WalSegmentSize,
@@ -39,8 +41,12 @@ use crate::store::wal_key;
 
 /// How long a worker waits for PostgreSQL's next request before it cleans up and exits.
 const WORKER_LINGER: Duration = Duration::from_secs(30);
-/// How often the worker looks for a new request.
+/// How often the worker looks for a new request: often while PostgreSQL asks in quick
+/// succession, rarely once it has paused for a while.
 const WORKER_POLL: Duration = Duration::from_millis(5);
+const WORKER_POLL_IDLE: Duration = Duration::from_millis(50);
+/// After this long without a new request the worker polls at [`WORKER_POLL_IDLE`].
+const WORKER_BUSY: Duration = Duration::from_secs(1);
 /// How long after "not in the repository" the worker asks again (the archive may still grow).
 const ABSENT_RETRY: Duration = Duration::from_secs(2);
 /// Segments fetched at once.
@@ -71,7 +77,13 @@ impl Prefetch {
 
     fn new(config: &Config, repo: &Repository, data_dir: PathBuf) -> Prefetch {
         let spool = spool::spool_dir(config, &data_dir);
-        let hash = sha2::Sha256::digest(repo.store().describe().as_bytes());
+        // Keyed by repository and by boot: spool files are not fsynced, so after a crash of the
+        // machine they may be torn, and a spool of an earlier boot is never read again.
+        let mut hash = sha2::Sha256::new();
+        hash.update(repo.store().describe().as_bytes());
+        hash.update([0]);
+        hash.update(boot_id().as_bytes());
+        let hash = hash.finalize();
         let dir = spool.join("restore").join(hex::encode(&hash[..8]));
         Prefetch {
             data_dir,
@@ -168,6 +180,19 @@ impl Prefetch {
         }
         Some(len)
     }
+}
+
+/// This boot of the machine (`/proc/sys/kernel/random/boot_id`); where that is unreadable, a
+/// fresh value, so that nothing of an earlier process is ever served.
+fn boot_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        spool::read_text(Path::new("/proc/sys/kernel/random/boot_id"))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("process-{}", std::process::id()))
+    })
+    .clone()
 }
 
 fn local(path: &Path, e: io::Error) -> Error {
@@ -330,7 +355,9 @@ async fn run_worker_lingering(
                 let repo = repo.clone();
                 let dest = pf.file(&name);
                 running.spawn(async move {
-                    let result = restore_file(&repo, &name.to_string(), &dest).await;
+                    let result =
+                        restore_file_with(&repo, &name.to_string(), &dest, Durability::UntilReboot)
+                            .await;
                     lock.release_and_remove();
                     (name, result)
                 });
@@ -340,7 +367,12 @@ async fn run_worker_lingering(
             // Waiting for PostgreSQL is not a stall.
             crate::progress::tick();
         }
-        tokio::time::sleep(WORKER_POLL).await;
+        tokio::time::sleep(if last_request.elapsed() < WORKER_BUSY {
+            WORKER_POLL
+        } else {
+            WORKER_POLL_IDLE
+        })
+        .await;
     }
     while running.join_next().await.is_some() {}
     let left = evict_outside(&pf, None, window, seg_size);

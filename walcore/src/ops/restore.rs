@@ -28,6 +28,26 @@ pub struct Restored {
 /// Restores WAL file `name` (PostgreSQL's `%f`) to `dest` (`%p`, relative to the data
 /// directory).
 pub async fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<Restored, Error> {
+    restore_file_with(repo, name, dest, Durability::Durable).await
+}
+
+/// Whether a restored file is fsynced before it is renamed into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// File and directory fsynced: what `restore_command` does.
+    Durable,
+    /// Renamed into place complete but not fsynced: for a cache that is never read after the
+    /// machine restarts (the prefetch spool is keyed by boot).
+    UntilReboot,
+}
+
+/// [`restore_file`], choosing whether the result is fsynced.
+pub async fn restore_file_with(
+    repo: &Repository,
+    name: &str,
+    dest: &Path,
+    sync: Durability,
+) -> Result<Restored, Error> {
     let name = WalFileName::parse(name).map_err(|e| {
         Error::from(e).context("restore_command was asked for a name that is not a WAL file name")
     })?;
@@ -35,7 +55,7 @@ pub async fn restore_file(repo: &Repository, name: &str, dest: &Path) -> Result<
     async {
         let restored = repo
             .with_retry(&format!("restoring {name}"), || {
-                restore_once(repo, &name, dest)
+                restore_once(repo, &name, dest, sync)
             })
             .await?;
         tracing::info!(key = %restored.key, bytes = restored.bytes, "restored");
@@ -49,6 +69,7 @@ async fn restore_once(
     repo: &Repository,
     name: &WalFileName,
     dest: &Path,
+    sync: Durability,
 ) -> Result<Restored, Error> {
     let store = repo.store().describe();
     // Without readable metadata nothing can be called absent: a wrong URL, an unmounted
@@ -81,8 +102,18 @@ async fn restore_once(
     let name = name.clone();
     let bytes = tokio::task::spawn_blocking(move || {
         let temp = temp_path(&dest)?;
-        let result =
-            decode_verify_publish(&codec, &key_owned, &name, &expect, reader, &temp, &dest);
+        let result = decode_verify_publish(
+            &codec,
+            &key_owned,
+            &name,
+            &expect,
+            reader,
+            &Publish {
+                temp: &temp,
+                dest: &dest,
+                sync,
+            },
+        );
         if result.is_err() {
             let _ = fs::remove_file(&temp);
         }
@@ -117,15 +148,23 @@ fn local(path: &Path, doing: &str, e: io::Error) -> Error {
     )
 }
 
+/// Where a decoded file goes: written to `temp`, then renamed to `dest`.
+#[derive(Debug, Clone, Copy)]
+struct Publish<'a> {
+    temp: &'a Path,
+    dest: &'a Path,
+    sync: Durability,
+}
+
 fn decode_verify_publish(
     codec: &crate::codec::Codec,
     key: &str,
     name: &WalFileName,
     expect: &SegmentExpectations,
     reader: Box<dyn Read + Send>,
-    temp: &Path,
-    dest: &Path,
+    publish: &Publish<'_>,
 ) -> Result<u64, Error> {
+    let Publish { temp, dest, sync } = *publish;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -168,9 +207,14 @@ fn decode_verify_publish(
         }
     }
 
-    file.sync_all().map_err(|e| local(temp, "syncing", e))?;
+    if sync == Durability::Durable {
+        file.sync_all().map_err(|e| local(temp, "syncing", e))?;
+    }
     drop(file);
     fs::rename(temp, dest).map_err(|e| local(dest, "renaming into", e))?;
+    if sync == Durability::UntilReboot {
+        return Ok(summary.plaintext_len);
+    }
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
