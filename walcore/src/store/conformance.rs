@@ -45,6 +45,28 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
         return Err(fail("head of an absent key found something"));
     }
 
+    // The tail of an object (a trailer, without the body), and of one shorter than asked.
+    match store.tail(&k("absent"), 20).await {
+        Err(StoreError::NotFound) => {}
+        other => return Err(fail(format!("tail of an absent key gave {other:?}"))),
+    }
+    put(store, &k("t/long"), (0u8..100).collect()).await?;
+    let tail = store
+        .tail(&k("t/long"), 20)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if tail[..] != (80u8..100).collect::<Vec<_>>()[..] {
+        return Err(fail(format!("tail of 20 bytes gave {tail:?}")));
+    }
+    put(store, &k("t/short"), b"tiny".to_vec()).await?;
+    let tail = store
+        .tail(&k("t/short"), 20)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if tail[..] != b"tiny"[..] {
+        return Err(fail(format!("tail of a 4-byte object gave {tail:?}")));
+    }
+
     // Create-only: the first write wins, the second changes nothing.
     if put(store, &k("a/one"), b"first".to_vec()).await? != PutOutcome::Created {
         return Err(fail("first write did not create"));
@@ -160,7 +182,13 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
 
     // Listings are sorted keys under the prefix, nothing else.
     let listed = store.list(prefix).await.map_err(|e| fail(e.to_string()))?;
-    let want = vec![k("a/one"), k("b/big"), k("d/huge")];
+    let want = vec![
+        k("a/one"),
+        k("b/big"),
+        k("d/huge"),
+        k("t/long"),
+        k("t/short"),
+    ];
     if listed != want {
         return Err(fail(format!("list gave {listed:?}, expected {want:?}")));
     }
