@@ -7,7 +7,7 @@
 //! restore writes `%p` (fully decoded and verified, renamed into place complete), by a worker
 //! that read the repository's metadata. They are not fsynced: the spool of an earlier boot is
 //! never read, and PostgreSQL fsyncs a restored file itself when it keeps it (a standby's
-//! `pg_wal`); a served file is renamed into place and its directory synced. Before one is served it is checked again: its first page
+//! `pg_wal`); a served file is renamed into place. Before one is served it is checked again: its first page
 //! must name it and carry the system identifier in the data directory's `global/pg_control`. A
 //! spool of another repository sits under another hash; one of another cluster fails the check;
 //! names carry the timeline, so another timeline's file is never a match. `.history` and
@@ -199,23 +199,24 @@ fn local(path: &Path, e: io::Error) -> Error {
     Error::new(ErrorKind::LocalIo, format!("{}: {e}", path.display()))
 }
 
-/// Renames `from` (already fsynced) to `to` and syncs the directory; across file systems
-/// (a symlinked `pg_wal`), copies, syncs and renames instead.
+/// Renames `from` to `to`; across file systems (a symlinked `pg_wal`), copies and renames.
+///
+/// Not fsynced, like the spool file itself: syncing here would write the whole segment out
+/// while PostgreSQL waits, and nothing needs it. A restored file is read and replayed, and after
+/// a crash PostgreSQL asks for its WAL again; where it keeps a restored file (a standby's
+/// `pg_wal`) it fsyncs it itself.
 fn move_into_place(from: &Path, to: &Path) -> io::Result<()> {
-    let dir = spool::wal_dir_of(to);
     match fs::rename(from, to) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(18) => {
-            // EXDEV
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
             let temp = to.with_extension("walcore-prefetch.tmp");
             fs::copy(from, &temp)?;
-            File::open(&temp)?.sync_all()?;
             fs::rename(&temp, to)?;
             let _ = fs::remove_file(from);
+            Ok(())
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
     }
-    crate::store::local::fsync_dir(&dir)
 }
 
 /// `restore_command` with prefetch: serves `name` from the spool when it was prefetched, else
