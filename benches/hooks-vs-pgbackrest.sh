@@ -336,16 +336,16 @@ run_mode() { # id directory push|get template [VAR=value...]
   if [ -n "$group" ]; then
     cpu_ns=$(cg_usage_ns "$group")
     bg=$(awk -v t="$cpu_ns" -v f="$fg" 'BEGIN { b = t / 1e9 - f; printf "%.2f", b < 0 ? 0 : b }')
-    for n in 1 2 3 4 5 6 7 8 9 10; do rmdir "$group" 2>/dev/null && break; tick 0.2; done # else at exit
+    for _ in 1 2 3 4 5 6 7 8 9 10; do rmdir "$group" 2>/dev/null && break; tick 0.2; done # else at exit
   else
-    cpu_ns=$(awk -v b="$bg" -v f="$fg" 'BEGIN { printf "%d", (b + f) * 1e9 }')
+    cpu_ns=$(awk -v b="$bg" -v f="$fg" 'BEGIN { printf "%.0f", (b + f) * 1e9 }')
   fi
   if [ -n "$group" ]; then
     cg_total[$id]=$cpu_ns cg_fg[$id]=$fg
     if [ -n "${cg_total[noop]:-}" ] && [ "$id" != noop ]; then
       # Take away the harness (loop, time, sh) as the no-op hook measured it, per call.
       cpu_ns=$(awk -v t="$cpu_ns" -v h="${cg_total[noop]}" -v n="$n" -v s="$segments" \
-        'BEGIN { v = t - h / s * n; printf "%d", v < 0 ? 0 : v }')
+        'BEGIN { v = t - h / s * n; printf "%.0f", v < 0 ? 0 : v }')
       fg=$(awk -v f="$fg" -v h="${cg_fg[noop]}" -v n="$n" -v s="$segments" \
         'BEGIN { v = f - h / s * n; printf "%.2f", v < 0 ? 0 : v }')
       bg=$(awk -v t="$cpu_ns" -v f="$fg" 'BEGIN { b = t / 1e9 - f; printf "%.2f", b < 0 ? 0 : b }')
