@@ -836,6 +836,31 @@ fn assert_backup_skips_spool(c: &Cluster, what: &str, with_segments: bool) {
 
 // ---- a stalled endpoint ----
 
+/// `out` is a call that gave up on a stalled endpoint: exit `code`, within `bound`, saying why.
+fn assert_gave_up(out: &sys::Output, doing: &str, code: i32, bound: Duration) {
+    assert_eq!(
+        out.code(),
+        Some(code),
+        "{}",
+        describe(
+            &format!(
+                "{doing} while the endpoint stalls (expected exit {code} within the progress timeout)"
+            ),
+            out
+        )
+    );
+    assert!(
+        out.elapsed < bound,
+        "{doing} gave up only after {:?} with WALCORE_PROGRESS_TIMEOUT=3s",
+        out.elapsed
+    );
+    assert!(
+        out.stderr.to_ascii_lowercase().contains("no progress"),
+        "{}",
+        describe(&format!("{doing}: the error should say 'no progress'"), out)
+    );
+}
+
 #[test]
 fn stalled_endpoint_fails_both_commands_within_the_timeout() {
     if !moto::s3_enabled("throughput::stalled_endpoint_fails_both_commands_within_the_timeout") {
@@ -870,25 +895,7 @@ fn stalled_endpoint_fails_both_commands_within_the_timeout() {
     proxy.arm("/", Fault::Stall);
     let second = &samples.segments[1];
     let out = bins::archive(&env, second);
-    assert_eq!(
-        out.code(),
-        Some(7),
-        "{}",
-        describe(
-            "archiving while the endpoint stalls (expected exit 7 within the progress timeout)",
-            &out
-        )
-    );
-    assert!(
-        out.elapsed < bound,
-        "archiving gave up only after {:?} with WALCORE_PROGRESS_TIMEOUT=3s",
-        out.elapsed
-    );
-    assert!(
-        out.stderr.to_ascii_lowercase().contains("no progress"),
-        "{}",
-        describe("the archive error should say 'no progress'", &out)
-    );
+    assert_gave_up(&out, "archiving", 7, bound);
     assert!(
         proxy.faulted() > 0,
         "the proxy stalled no request: {:?}",
@@ -902,25 +909,7 @@ fn stalled_endpoint_fails_both_commands_within_the_timeout() {
 
     let dest = dest_dir();
     let out = bins::restore(&env, &name_of(first), &dest.path().join("RECOVERYXLOG"));
-    assert_eq!(
-        out.code(),
-        Some(204),
-        "{}",
-        describe(
-            "restoring while the endpoint stalls (expected exit 204 within the progress timeout)",
-            &out
-        )
-    );
-    assert!(
-        out.elapsed < bound,
-        "restoring gave up only after {:?} with WALCORE_PROGRESS_TIMEOUT=3s",
-        out.elapsed
-    );
-    assert!(
-        out.stderr.to_ascii_lowercase().contains("no progress"),
-        "{}",
-        describe("the restore error should say 'no progress'", &out)
-    );
+    assert_gave_up(&out, "restoring", 204, bound);
     assert_empty(dest.path(), "restore while the endpoint stalls");
     eprintln!(
         "restore: exit 204 after {:?}: {}",

@@ -397,30 +397,12 @@ pub fn peak_rss_kib() -> u64 {
 mod tests {
     use super::*;
     use crate::config::Layer;
-    use crate::pg::{LongPageHeader, Lsn, TimelineId};
+    use crate::ops::testing::seg_name;
 
-    const SEG: u32 = 16 << 20;
+    const SYSID: u64 = 7_000_000_000_000_000_001;
 
-    /// A 16 MiB segment `no` of timeline 1 with a valid first page and some content of its own.
-    fn segment(no: u64, salt: u8) -> Vec<u8> {
-        let mut seg = vec![salt; SEG as usize];
-        let header = LongPageHeader {
-            magic: 0xD110,
-            info: 0x0006,
-            timeline: TimelineId(1),
-            page_addr: Lsn(no * u64::from(SEG)),
-            rem_len: 0,
-            system_id: 7_000_000_000_000_000_001,
-            seg_size: SEG,
-            block_size: 8192,
-        };
-        seg[..40].copy_from_slice(&header.encode());
-        seg[8192..8200].copy_from_slice(&no.to_le_bytes());
-        seg
-    }
-
-    fn seg_name(no: u64) -> String {
-        format!("00000001{:08X}{:08X}", no >> 8, no & 0xff)
+    fn segment(no: u64, fill: u8) -> Vec<u8> {
+        crate::ops::testing::segment(no, SYSID, fill)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,9 @@ pub mod prefetch;
 pub mod restore;
 pub mod spool;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 use std::future::Future;
 
 use crate::config::{Config, Layer};

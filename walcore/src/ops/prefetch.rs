@@ -444,30 +444,12 @@ mod tests {
     use super::*;
     use crate::config::Layer;
     use crate::ops::archive::archive_file;
-    use crate::pg::{LongPageHeader, Lsn, TimelineId};
+    use crate::ops::testing::seg_name;
 
-    const SEG: u32 = 16 << 20;
     const SYSID: u64 = 7_000_000_000_000_000_002;
 
     fn segment(no: u64, system_id: u64) -> Vec<u8> {
-        let mut seg = vec![0u8; SEG as usize];
-        let header = LongPageHeader {
-            magic: 0xD110,
-            info: 0x0006,
-            timeline: TimelineId(1),
-            page_addr: Lsn(no * u64::from(SEG)),
-            rem_len: 0,
-            system_id,
-            seg_size: SEG,
-            block_size: 8192,
-        };
-        seg[..40].copy_from_slice(&header.encode());
-        seg[8192..8200].copy_from_slice(&no.to_le_bytes());
-        seg
-    }
-
-    fn seg_name(no: u64) -> String {
-        format!("00000001{:08X}{:08X}", no >> 8, no & 0xff)
+        crate::ops::testing::segment(no, system_id, 0)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
