@@ -96,31 +96,24 @@ impl LookAhead {
     fn kick(&self, name: &WalFileName, worker_args: Option<&[OsString]>) {
         let attempt = || -> Result<(), Error> {
             let dir = self.dir();
-            spool::make_dir(&dir).map_err(|e| local(&dir, e))?;
+            spool::make_dir(&dir).map_err(|e| spool::local_io(&dir, e))?;
             spool::write_atomic(&self.current_path(), &name.to_string())
-                .map_err(|e| local(&self.current_path(), e))?;
-            let worker_lock = dir.join("worker.lock");
-            if spool::is_locked(&worker_lock) || !has_ready_after(&self.wal_dir, name) {
+                .map_err(|e| spool::local_io(&self.current_path(), e))?;
+            if !has_ready_after(&self.wal_dir, name) {
                 return Ok(());
             }
-            let Some(worker_args) = worker_args else {
-                return Ok(());
-            };
-            let log = self.spool.join("archive-worker.log");
-            spool::trim_log(&log);
-            let mut args: Vec<OsString> =
-                vec!["--lookahead-worker".into(), self.wal_dir.clone().into()];
-            args.extend_from_slice(worker_args);
-            spool::spawn_detached(&args, &log)
+            spool::ensure_worker(
+                &dir.join("worker.lock"),
+                &self.spool.join("archive-worker.log"),
+                "--lookahead-worker",
+                &self.wal_dir,
+                worker_args,
+            )
         };
         if let Err(e) = attempt() {
             tracing::warn!("look-ahead is off for this call: {e}");
         }
     }
-}
-
-fn local(path: &Path, e: io::Error) -> Error {
-    Error::new(ErrorKind::LocalIo, format!("{}: {e}", path.display()))
 }
 
 /// Whether a segment after `name` is waiting to be archived.
@@ -276,8 +269,9 @@ pub async fn archive_with_lookahead(
 pub async fn run_worker(repo: &Repository, config: &Config, wal_dir: &Path) -> Result<(), Error> {
     let la = LookAhead::for_worker(config, wal_dir)?;
     let dir = la.dir();
-    spool::make_dir(&dir).map_err(|e| local(&dir, e))?;
-    let Some(_worker) = Lock::try_take(&dir.join("worker.lock")).map_err(|e| local(&dir, e))?
+    spool::make_dir(&dir).map_err(|e| spool::local_io(&dir, e))?;
+    let Some(_worker) =
+        Lock::try_take(&dir.join("worker.lock")).map_err(|e| spool::local_io(&dir, e))?
     else {
         return Ok(());
     };
@@ -309,7 +303,7 @@ pub async fn run_worker(repo: &Repository, config: &Config, wal_dir: &Path) -> R
         let ready = match ready_segments(&la.wal_dir) {
             Ok(r) => r,
             Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(e) => return Err(local(&la.wal_dir, e)),
+            Err(e) => return Err(spool::local_io(&la.wal_dir, e)),
         };
         let mut started = false;
         for name in ready {
@@ -337,7 +331,7 @@ pub async fn run_worker(repo: &Repository, config: &Config, wal_dir: &Path) -> R
                     let (bytes, crc) = done.plaintext();
                     let record = Record { bytes, crc, store };
                     spool::write_atomic(&la.record_path(&name), &record.to_text())
-                        .map_err(|e| local(&la.record_path(&name), e))
+                        .map_err(|e| spool::local_io(&la.record_path(&name), e))
                 });
                 lock.release_and_remove();
                 (name, result)
@@ -355,7 +349,7 @@ pub async fn run_worker(repo: &Repository, config: &Config, wal_dir: &Path) -> R
     }
     while running.join_next().await.is_some() {}
     clean_records(&la);
-    let peak_rss_kib = peak_rss_kib();
+    let peak_rss_kib = spool::peak_rss_kib();
     tracing::info!(archived, peak_rss_kib, "look-ahead worker done");
     Ok(())
 }
@@ -380,17 +374,6 @@ fn clean_records(la: &LookAhead) {
             let _ = fs::remove_file(e.path());
         }
     }
-}
-
-/// This process's peak resident set, from `/proc/self/status` (0 where unavailable).
-pub fn peak_rss_kib() -> u64 {
-    spool::read_text(Path::new("/proc/self/status"))
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -118,21 +118,16 @@ impl Prefetch {
     /// here only cost speed: they are logged, never returned.
     fn kick(&self, name: &WalFileName, worker_args: Option<&[OsString]>) {
         let attempt = || -> Result<(), Error> {
-            spool::make_dir(&self.dir).map_err(|e| local(&self.dir, e))?;
+            spool::make_dir(&self.dir).map_err(|e| spool::local_io(&self.dir, e))?;
             spool::write_atomic(&self.want_path(), &name.to_string())
-                .map_err(|e| local(&self.want_path(), e))?;
-            if spool::is_locked(&self.dir.join("worker.lock")) {
-                return Ok(());
-            }
-            let Some(worker_args) = worker_args else {
-                return Ok(());
-            };
-            let log = self.spool.join("restore-worker.log");
-            spool::trim_log(&log);
-            let mut args: Vec<OsString> =
-                vec!["--prefetch-worker".into(), self.data_dir.clone().into()];
-            args.extend_from_slice(worker_args);
-            spool::spawn_detached(&args, &log)
+                .map_err(|e| spool::local_io(&self.want_path(), e))?;
+            spool::ensure_worker(
+                &self.dir.join("worker.lock"),
+                &self.spool.join("restore-worker.log"),
+                "--prefetch-worker",
+                &self.data_dir,
+                worker_args,
+            )
         };
         if let Err(e) = attempt() {
             tracing::warn!("prefetch is off for this call: {e}");
@@ -193,10 +188,6 @@ fn boot_id() -> String {
             .unwrap_or_else(|| format!("process-{}", std::process::id()))
     })
     .clone()
-}
-
-fn local(path: &Path, e: io::Error) -> Error {
-    Error::new(ErrorKind::LocalIo, format!("{}: {e}", path.display()))
 }
 
 /// Renames `from` to `to`; across file systems (a symlinked `pg_wal`), copies and renames.
@@ -277,9 +268,9 @@ async fn run_worker_lingering(
     linger: Duration,
 ) -> Result<(), Error> {
     let pf = Prefetch::new(config, repo, data_dir.to_path_buf());
-    spool::make_dir(&pf.dir).map_err(|e| local(&pf.dir, e))?;
+    spool::make_dir(&pf.dir).map_err(|e| spool::local_io(&pf.dir, e))?;
     let Some(_worker) =
-        Lock::try_take(&pf.dir.join("worker.lock")).map_err(|e| local(&pf.dir, e))?
+        Lock::try_take(&pf.dir.join("worker.lock")).map_err(|e| spool::local_io(&pf.dir, e))?
     else {
         return Ok(());
     };
@@ -381,7 +372,7 @@ async fn run_worker_lingering(
         fetched,
         unused = left,
         evicted,
-        peak_rss_kib = crate::ops::lookahead::peak_rss_kib(),
+        peak_rss_kib = spool::peak_rss_kib(),
         "prefetch worker done"
     );
     Ok(())

@@ -170,10 +170,47 @@ pub fn spawn_detached(args: &[OsString], log: &Path) -> Result<(), Error> {
 }
 
 /// Keeps a worker's log from growing without bound: past 4 MiB it starts over.
-pub fn trim_log(log: &Path) {
+fn trim_log(log: &Path) {
     if fs::metadata(log).is_ok_and(|m| m.len() > 4 << 20) {
         let _ = fs::remove_file(log);
     }
+}
+
+/// Starts a worker (`flag target`, then `worker_args`) logging to `log`, unless one holds
+/// `worker_lock` or no `worker_args` were given (an embedding program runs workers itself).
+pub fn ensure_worker(
+    worker_lock: &Path,
+    log: &Path,
+    flag: &str,
+    target: &Path,
+    worker_args: Option<&[OsString]>,
+) -> Result<(), Error> {
+    let Some(worker_args) = worker_args else {
+        return Ok(());
+    };
+    if is_locked(worker_lock) {
+        return Ok(());
+    }
+    trim_log(log);
+    let mut args: Vec<OsString> = vec![flag.into(), target.into()];
+    args.extend_from_slice(worker_args);
+    spawn_detached(&args, log)
+}
+
+/// A local file-system failure on `path`.
+pub fn local_io(path: &Path, e: io::Error) -> Error {
+    Error::new(ErrorKind::LocalIo, format!("{}: {e}", path.display()))
+}
+
+/// This process's peak resident set, from `/proc/self/status` (0 where unavailable).
+pub fn peak_rss_kib() -> u64 {
+    read_text(Path::new("/proc/self/status"))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
