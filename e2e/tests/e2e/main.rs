@@ -13,3 +13,4 @@ mod scenario;
 mod selftest;
 mod store_conformance;
 mod throughput;
+mod tls;

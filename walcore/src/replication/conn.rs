@@ -8,9 +8,17 @@
 //! connection refuses further use ([`ReplicationError::Unusable`]) because its place in the
 //! conversation is lost.
 //!
-//! What it does not do (yet): TLS (`sslmode=require` and stricter fail with a clear error;
-//! `prefer` asks the server and goes on in plain text), GSSAPI, Kerberos, SSPI, SCRAM channel
-//! binding, cancel requests.
+//! TLS (rustls, see `conn/tls.rs`) follows libpq: on TCP only, never on Unix sockets; `sslmode`
+//! decides whether to ask for it (an SSLRequest) and what to do when the server says no, and
+//! the root certificates present decide how much of the server's certificate is checked. Under
+//! `allow` and `prefer`, a session the server refuses during authentication is tried once more
+//! with the other choice, as libpq does. SCRAM runs without channel binding over TLS too
+//! (`SCRAM-SHA-256`, never `-PLUS`), which servers accept.
+//!
+//! What it does not do (yet): GSSAPI, Kerberos, SSPI, SCRAM channel binding, cancel requests,
+//! direct TLS negotiation (`sslnegotiation=direct`; the SSLRequest works with every server).
+
+mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +29,7 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
 use tracing::{debug, info, warn};
 
 use crate::pg::{Lsn, TimelineId};
@@ -72,11 +81,12 @@ impl Default for ConnectOptions {
     }
 }
 
-/// The socket: Unix or TCP.
+/// The socket: Unix, TCP, or TLS over TCP.
 #[derive(Debug)]
 enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -84,6 +94,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.read_buf(buf).await,
             Stream::Tcp(s) => s.read_buf(buf).await,
+            Stream::Tls(s) => s.read_buf(buf).await,
         }
     }
 
@@ -91,6 +102,11 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.write_all(bytes).await,
             Stream::Tcp(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => {
+                // TLS records may wait in the session's buffer until flushed.
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
         }
     }
 
@@ -98,8 +114,40 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.shutdown().await,
             Stream::Tcp(s) => s.shutdown().await,
+            // Sends close_notify, then shuts the socket down.
+            Stream::Tls(s) => s.shutdown().await,
         }
     }
+
+    /// What TLS negotiated, when the stream is TLS.
+    fn tls_session(&self) -> Option<TlsSession> {
+        let Stream::Tls(s) = self else {
+            return None;
+        };
+        let (_, session) = s.get_ref();
+        let protocol = match session.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+            Some(other) => format!("{other:?}"),
+            None => "?".to_owned(),
+        };
+        let cipher_suite = session
+            .negotiated_cipher_suite()
+            .map_or_else(|| "?".to_owned(), |s| format!("{:?}", s.suite()));
+        Some(TlsSession {
+            protocol,
+            cipher_suite,
+        })
+    }
+}
+
+/// What the TLS handshake of a connection negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSession {
+    /// The protocol version, as PostgreSQL's `pg_stat_ssl.version` names it (`TLSv1.3`).
+    pub protocol: String,
+    /// The cipher suite, as rustls names it (`TLS13_AES_256_GCM_SHA384`).
+    pub cipher_suite: String,
 }
 
 /// The result of IDENTIFY_SYSTEM.
@@ -170,16 +218,44 @@ pub struct ReplicationConnection {
     broken: bool,
 }
 
-/// Why opening a socket failed: try the next address, or stop.
-enum OpenError {
-    Next(ConnectAttempt),
-    Stop(ReplicationError),
+/// How one attempt on one address negotiates TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Negotiation {
+    /// No SSLRequest: plain text (Unix sockets, `disable`, the first try of `allow`, the second
+    /// of `prefer`).
+    Plain,
+    /// Ask; go on in plain text when the server says no or TLS fails (`prefer`).
+    Prefer,
+    /// Ask; fail when the server says no or TLS fails (`require` and stricter, the second try
+    /// of `allow`).
+    Require,
+}
+
+/// Why one attempt on one address gave no connection.
+enum AttemptError {
+    /// The socket could not be opened (or not within the connect timeout): try the next
+    /// address.
+    Unreachable(ConnectAttempt),
+    /// The server answered the SSLRequest with "no" and TLS is required.
+    TlsRefused(ReplicationError),
+    /// The server refused the session during authentication (an ErrorResponse before
+    /// AuthenticationOk: pg_hba.conf, a wrong password): libpq's cue, under `allow` and
+    /// `prefer`, to try once more with the other TLS choice.
+    Refused {
+        error: ReplicationError,
+        /// Whether the refused session was over TLS.
+        tls: bool,
+    },
+    /// Final.
+    Fatal(ReplicationError),
 }
 
 impl ReplicationConnection {
     /// Connects to the first of `config`'s addresses that accepts a connection, then starts up
     /// and authenticates. Addresses are tried in order while the socket cannot be opened; once
-    /// one is open, any failure (authentication, permissions) is final, as in libpq.
+    /// one is open, any failure (TLS, authentication, permissions) is final, as in libpq, except
+    /// for libpq's second try on the same address under `sslmode=allow` and `prefer` when the
+    /// server refuses the session during authentication (see [`SslMode`]).
     pub async fn connect(
         config: &ConnConfig,
         options: &ConnectOptions,
@@ -187,59 +263,51 @@ impl ReplicationConnection {
         let limit = config.connect_timeout.unwrap_or(options.connect_timeout);
         let mut attempts = Vec::new();
         for target in &config.targets {
-            let server = target.to_string();
-            let stream =
-                match tokio::time::timeout(limit, open_socket(target, config.sslmode)).await {
-                    Err(_) => {
-                        attempts.push(ConnectAttempt {
-                            address: server,
-                            unix_socket: target.socket_path().is_some(),
-                            error: std::io::Error::new(
-                                std::io::ErrorKind::TimedOut,
-                                format!("timed out after {}s", limit.as_secs_f64()),
-                            ),
-                        });
-                        continue;
-                    }
-                    Ok(Err(OpenError::Next(attempt))) => {
-                        debug!("{attempt}");
-                        attempts.push(attempt);
-                        continue;
-                    }
-                    Ok(Err(OpenError::Stop(e))) => return Err(e),
-                    Ok(Ok(stream)) => stream,
-                };
-            let mut conn = ReplicationConnection {
-                stream,
-                server: server.clone(),
-                user: config.user.clone(),
-                read: BytesMut::with_capacity(READ_CHUNK),
-                write: BytesMut::new(),
-                received: 0,
-                parameters: BTreeMap::new(),
-                backend_key: None,
-                read_timeout: options.read_timeout.min(limit),
-                broken: false,
+            let first = match (&target.host, config.sslmode) {
+                (Host::Socket(_), _) | (_, SslMode::Disable | SslMode::Allow) => Negotiation::Plain,
+                (_, SslMode::Prefer) => Negotiation::Prefer,
+                _ => Negotiation::Require,
             };
-            return match tokio::time::timeout(limit, conn.startup(config, options, target)).await {
-                Err(_) => Err(ReplicationError::Timeout {
-                    server,
-                    doing: format!("starting up and authenticating as \"{}\"", config.user),
-                    waited: limit,
-                }),
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(())) => {
-                    conn.read_timeout = options.read_timeout;
-                    debug!(
-                        server = %conn.server,
-                        version = conn.server_version().unwrap_or("?"),
-                        "replication connection ready"
-                    );
-                    Ok(conn)
+            let (refusal, refused_tls) = match attempt(config, options, target, first, limit).await
+            {
+                Ok(conn) => return Ok(conn),
+                Err(AttemptError::Unreachable(a)) => {
+                    debug!("{a}");
+                    attempts.push(a);
+                    continue;
+                }
+                Err(AttemptError::TlsRefused(e) | AttemptError::Fatal(e)) => return Err(e),
+                Err(AttemptError::Refused { error, tls }) => (error, tls),
+            };
+            let retry = match (config.sslmode, refused_tls, &target.host) {
+                (SslMode::Allow, false, Host::Tcp(_)) => Negotiation::Require,
+                (SslMode::Prefer, true, _) => Negotiation::Plain,
+                _ => return Err(refusal),
+            };
+            info!(
+                "{refusal}; trying again {} (sslmode={})",
+                if refused_tls {
+                    "without TLS"
+                } else {
+                    "with TLS"
+                },
+                config.sslmode
+            );
+            return match attempt(config, options, target, retry, limit).await {
+                Ok(conn) => Ok(conn),
+                // The server does not do TLS (allow) or went away: its refusal stands.
+                Err(AttemptError::TlsRefused(_) | AttemptError::Unreachable(_)) => Err(refusal),
+                Err(AttemptError::Refused { error, .. } | AttemptError::Fatal(error)) => {
+                    Err(after_refusal(error, &refusal, refused_tls))
                 }
             };
         }
         Err(ReplicationError::Connect { attempts })
+    }
+
+    /// What the TLS handshake negotiated; `None` for a connection without TLS.
+    pub fn tls_session(&self) -> Option<TlsSession> {
+        self.stream.tls_session()
     }
 
     /// The server, as a socket path or `host:port`.
@@ -508,11 +576,10 @@ impl ReplicationConnection {
 
     // ---- internals ----
 
-    async fn startup(
+    async fn send_startup(
         &mut self,
         config: &ConnConfig,
         options: &ConnectOptions,
-        target: &Target,
     ) -> Result<(), ReplicationError> {
         let application_name = config
             .application_name
@@ -527,8 +594,11 @@ impl ReplicationConnection {
             },
             &mut self.write,
         )?;
-        self.flush("sending the startup message").await?;
-        self.authenticate(config, options, target).await?;
+        self.flush("sending the startup message").await
+    }
+
+    /// After authentication: BackendKeyData, then ReadyForQuery.
+    async fn finish_startup(&mut self, config: &ConnConfig) -> Result<(), ReplicationError> {
         let doing = "starting the session";
         loop {
             match self.recv(self.read_timeout, doing).await? {
@@ -627,7 +697,8 @@ impl ReplicationConnection {
                         });
                     }
                     let password = self.password(config, options, target)?;
-                    // No TLS, so no channel binding: the client says it does not support it.
+                    // No channel binding, also over TLS: the client says it does not support
+                    // it ("n"), which servers accept whatever they offer.
                     let exchange =
                         ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response(
@@ -758,9 +829,16 @@ impl ReplicationConnection {
         Err(failure)
     }
 
-    /// A failed read or write: the server hung up, or another I/O error.
+    /// A failed read or write: the server hung up, TLS failed (an alert from the server, which
+    /// TLS 1.3 servers send after the handshake when they reject the client's certificate), or
+    /// another I/O error.
     fn io_failure(&self, doing: &str, source: std::io::Error) -> ReplicationError {
-        if is_disconnect(&source) {
+        if let Some(error) = tls::rustls_error(&source) {
+            ReplicationError::Tls {
+                server: self.server.clone(),
+                detail: format!("{doing}: {}", tls::describe(error)),
+            }
+        } else if is_disconnect(&source) {
             ReplicationError::Closed {
                 server: self.server.clone(),
                 doing: doing.to_owned(),
@@ -795,80 +873,217 @@ impl ReplicationConnection {
     }
 }
 
-/// Opens the socket to `target`, negotiating (away) TLS as `sslmode` says.
-async fn open_socket(target: &Target, sslmode: SslMode) -> Result<Stream, OpenError> {
+/// One try on one address: the socket (and TLS, as `negotiation` says), startup and
+/// authentication, each step within `limit`.
+async fn attempt(
+    config: &ConnConfig,
+    options: &ConnectOptions,
+    target: &Target,
+    negotiation: Negotiation,
+    limit: Duration,
+) -> Result<ReplicationConnection, AttemptError> {
+    let server = target.to_string();
+    let stream = match tokio::time::timeout(limit, open_socket(target, config, negotiation)).await {
+        Err(_) => {
+            return Err(AttemptError::Unreachable(ConnectAttempt {
+                address: server,
+                unix_socket: target.socket_path().is_some(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timed out after {}s", limit.as_secs_f64()),
+                ),
+            }));
+        }
+        Ok(result) => result?,
+    };
+    let tls = matches!(stream, Stream::Tls(_));
+    let mut conn = ReplicationConnection {
+        stream,
+        server: server.clone(),
+        user: config.user.clone(),
+        read: BytesMut::with_capacity(READ_CHUNK),
+        write: BytesMut::new(),
+        received: 0,
+        parameters: BTreeMap::new(),
+        backend_key: None,
+        read_timeout: options.read_timeout.min(limit),
+        broken: false,
+    };
+    let started = tokio::time::timeout(limit, async {
+        conn.send_startup(config, options)
+            .await
+            .map_err(AttemptError::Fatal)?;
+        conn.authenticate(config, options, target)
+            .await
+            .map_err(|e| match e {
+                e @ ReplicationError::Server { .. } => AttemptError::Refused { error: e, tls },
+                e => AttemptError::Fatal(e),
+            })?;
+        conn.finish_startup(config)
+            .await
+            .map_err(AttemptError::Fatal)
+    })
+    .await;
+    match started {
+        Err(_) => Err(AttemptError::Fatal(ReplicationError::Timeout {
+            server,
+            doing: format!("starting up and authenticating as \"{}\"", config.user),
+            waited: limit,
+        })),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) => {
+            conn.read_timeout = options.read_timeout;
+            debug!(
+                server = %conn.server,
+                version = conn.server_version().unwrap_or("?"),
+                tls = ?conn.tls_session(),
+                "replication connection ready"
+            );
+            Ok(conn)
+        }
+    }
+}
+
+/// The error of libpq's second try, saying that it was one: the server's refusal of the first
+/// try stays in the message.
+fn after_refusal(
+    mut error: ReplicationError,
+    first: &ReplicationError,
+    first_tls: bool,
+) -> ReplicationError {
+    if let (ReplicationError::Server { doing, .. }, Some(refused)) =
+        (&mut error, first.server_error())
+    {
+        *doing = format!(
+            "{doing} {}, after the server refused the session {} ({refused})",
+            if first_tls { "without TLS" } else { "over TLS" },
+            if first_tls { "over TLS" } else { "without TLS" },
+        );
+    } else {
+        warn!("{first}");
+    }
+    error
+}
+
+/// Opens the socket to `target`, negotiating TLS on TCP as `negotiation` says.
+async fn open_socket(
+    target: &Target,
+    config: &ConnConfig,
+    negotiation: Negotiation,
+) -> Result<Stream, AttemptError> {
     let address = target.to_string();
     let next = |unix_socket, error| {
-        OpenError::Next(ConnectAttempt {
+        AttemptError::Unreachable(ConnectAttempt {
             address: address.clone(),
             unix_socket,
             error,
         })
     };
-    match &target.host {
+    let name = match &target.host {
         Host::Socket(_) => {
-            // sslmode does not apply to Unix sockets (libpq never uses TLS on them).
+            // TLS never applies to Unix sockets (libpq never uses it on them).
             let path = target.socket_path().unwrap_or_default();
-            UnixStream::connect(&path)
+            return UnixStream::connect(&path)
                 .await
                 .map(Stream::Unix)
-                .map_err(|e| next(true, e))
+                .map_err(|e| next(true, e));
         }
-        Host::Tcp(name) => {
-            if sslmode.requires_tls() {
-                return Err(OpenError::Stop(ReplicationError::Unsupported {
-                    server: address.clone(),
-                    what: format!(
-                        "sslmode={sslmode} needs TLS, which walcore does not support yet; use a \
-                         Unix socket, or sslmode=prefer or disable on a trusted network"
-                    ),
-                }));
-            }
-            let tcp = |name: String, port: u16| async move {
-                let stream = TcpStream::connect((name.as_str(), port)).await?;
-                stream.set_nodelay(true)?;
-                Ok::<TcpStream, std::io::Error>(stream)
-            };
-            let mut stream = tcp(name.clone(), target.port)
-                .await
-                .map_err(|e| next(false, e))?;
-            if sslmode != SslMode::Prefer {
-                return Ok(Stream::Tcp(stream));
-            }
-            // prefer: ask; go on in plain text when the server says no. When it says yes we
-            // cannot take it up yet, and reconnect in plain text (what libpq does when the
-            // TLS handshake fails under prefer).
-            let mut request = BytesMut::new();
-            frontend::ssl_request(&mut request);
-            stream
-                .write_all(&request)
-                .await
-                .map_err(|e| next(false, e))?;
-            let answer = stream.read_u8().await.map_err(|e| next(false, e))?;
-            match answer {
-                b'N' => Ok(Stream::Tcp(stream)),
-                b'S' => {
-                    debug!(
-                        "{address} offers TLS, which walcore does not support yet; \
-                         reconnecting without it (sslmode=prefer)"
-                    );
-                    drop(stream);
-                    tcp(name.clone(), target.port)
-                        .await
-                        .map(Stream::Tcp)
-                        .map_err(|e| next(false, e))
-                }
-                other => Err(OpenError::Stop(ReplicationError::InvalidReply {
-                    server: address.clone(),
-                    doing: "negotiating TLS (sslmode=prefer)".to_owned(),
-                    detail: format!(
-                        "the server answered the SSLRequest with byte 0x{other:02X} instead of \
-                         'S' or 'N' (use sslmode=disable for servers that predate SSL)"
-                    ),
-                })),
-            }
+        Host::Tcp(name) => name.as_str(),
+    };
+    let mut stream = tcp_connect(name, target.port)
+        .await
+        .map_err(|e| next(false, e))?;
+    if negotiation == Negotiation::Plain {
+        return Ok(Stream::Tcp(stream));
+    }
+    let sslmode = config.sslmode;
+    let tls_error = |detail: String| ReplicationError::Tls {
+        server: address.clone(),
+        detail,
+    };
+
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| next(false, e))?;
+    // One byte, read from the socket itself: anything the server (or someone in between) sent
+    // after it stays in the socket and fails the handshake, instead of passing as if it had
+    // been encrypted.
+    let answer = stream.read_u8().await.map_err(|e| next(false, e))?;
+    match answer {
+        b'S' => {}
+        b'N' if negotiation == Negotiation::Prefer => return Ok(Stream::Tcp(stream)),
+        b'N' => {
+            return Err(AttemptError::TlsRefused(tls_error(format!(
+                "the server does not accept TLS (sslmode={sslmode}): turn ssl on in its \
+                 postgresql.conf, or use sslmode=prefer (or disable) on a trusted network"
+            ))));
+        }
+        other => {
+            return Err(AttemptError::Fatal(ReplicationError::InvalidReply {
+                server: address.clone(),
+                doing: format!("negotiating TLS (sslmode={sslmode})"),
+                detail: format!(
+                    "the server answered the SSLRequest with byte 0x{other:02X} instead of \
+                     'S' or 'N' (use sslmode=disable for servers that predate SSL)"
+                ),
+            }));
         }
     }
+
+    // The files are read once the server has agreed, as libpq does; a broken one is reported
+    // like a failed handshake.
+    let failure = match tls::TlsClient::new(&config.ssl, sslmode, name) {
+        Err(detail) => tls_error(detail),
+        Ok(client) => match client.handshake(stream).await {
+            Ok(tls) => {
+                debug!(
+                    server = %address,
+                    verification = ?client.verification(),
+                    "TLS handshake done"
+                );
+                return Ok(Stream::Tls(Box::new(tls)));
+            }
+            Err(e) => match tls::rustls_error(&e) {
+                Some(error) => tls_error(client.explain(error)),
+                None if negotiation == Negotiation::Prefer => {
+                    tls_error(format!("the TLS handshake failed: {e}"))
+                }
+                None if is_disconnect(&e) => {
+                    return Err(AttemptError::Fatal(ReplicationError::Closed {
+                        server: address.clone(),
+                        doing: "negotiating TLS".to_owned(),
+                    }));
+                }
+                None => {
+                    return Err(AttemptError::Fatal(ReplicationError::Io {
+                        server: address.clone(),
+                        doing: "negotiating TLS".to_owned(),
+                        source: e,
+                    }));
+                }
+            },
+        },
+    };
+    if negotiation != Negotiation::Prefer {
+        return Err(AttemptError::Fatal(failure));
+    }
+    // prefer: what libpq does when TLS fails, a new connection in plain text.
+    warn!("{failure}; connecting again without TLS (sslmode=prefer)");
+    tcp_connect(name, target.port)
+        .await
+        .map(Stream::Tcp)
+        .map_err(|e| next(false, e))
+}
+
+/// A TCP connection to `name:port` (every address the name resolves to, in turn), without
+/// Nagle's delay.
+async fn tcp_connect(name: &str, port: u16) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect((name, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Errors that mean the server went away (crashed, was killed, or closed on us).
@@ -1208,57 +1423,484 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn sslmode_prefer_over_tcp_falls_back_to_plain() {
-        for answer in [b'N', b'S'] {
+    /// A fake server on 127.0.0.1 for TLS: it serves `sessions` connections in turn, answers
+    /// an SSLRequest with `answer`, runs the handshake with `tls` when it says 'S', and replies
+    /// to the startup message with `tls_reply` or `plain_reply`. It reports what each session
+    /// saw.
+    struct TlsServer {
+        port: u16,
+        task: tokio::task::JoinHandle<Vec<Session>>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Session {
+        ssl_request: bool,
+        tls: bool,
+        handshake_error: Option<String>,
+        sni: Option<String>,
+        alpn: Option<Vec<u8>>,
+        client_certificate: bool,
+        startup: bool,
+    }
+
+    const SSL_REQUEST: [u8; 8] = *b"\0\0\0\x08\x04\xd2\x16\x2f";
+
+    fn server_tls(cert: &str, key: &str, client_ca: Option<&str>) -> Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = CertificateDer::pem_file_iter(tls::tests::fixture(cert))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(tls::tests::fixture(key)).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_file(tls::tests::fixture(ca)).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(chain, key).unwrap();
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        Arc::new(config)
+    }
+
+    impl TlsServer {
+        async fn start(
+            answer: u8,
+            tls: Option<Arc<rustls::ServerConfig>>,
+            tls_reply: Vec<u8>,
+            plain_reply: Vec<u8>,
+            sessions: usize,
+        ) -> TlsServer {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let port = listener.local_addr().unwrap().port();
-            let server = tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let (mut s, _) = listener.accept().await.unwrap();
-                let n = s.read(&mut buf).await.unwrap();
-                assert_eq!(&buf[..n], b"\0\0\0\x08\x04\xd2\x16\x2f", "SSLRequest");
-                s.write_all(&[answer]).await.unwrap();
-                if answer == b'S' {
-                    // The client cannot do TLS: it comes back without asking.
-                    let (s2, _) = listener.accept().await.unwrap();
-                    s = s2;
+            let task = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..sessions {
+                    let (mut tcp, _) = listener.accept().await.unwrap();
+                    let mut session = Session::default();
+                    let mut head = [0u8; 8];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        seen.push(session);
+                        continue;
+                    }
+                    if head != SSL_REQUEST {
+                        session.startup = reply(&mut tcp, &plain_reply, true).await;
+                    } else {
+                        session.ssl_request = true;
+                        tcp.write_all(&[answer]).await.unwrap();
+                        match (answer, &tls) {
+                            (b'S', Some(config)) => {
+                                let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                                match acceptor.accept(tcp).await {
+                                    Ok(mut stream) => {
+                                        let (_, conn) = stream.get_ref();
+                                        session.tls = true;
+                                        session.sni = conn.server_name().map(str::to_owned);
+                                        session.alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+                                        session.client_certificate =
+                                            conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                                        session.startup =
+                                            reply(&mut stream, &tls_reply, false).await;
+                                    }
+                                    Err(e) => session.handshake_error = Some(e.to_string()),
+                                }
+                            }
+                            // 'S' without TLS: hang up, as a server whose TLS is broken.
+                            (b'S', None) => drop(tcp),
+                            _ => session.startup = reply(&mut tcp, &plain_reply, false).await,
+                        }
+                    }
+                    seen.push(session);
                 }
-                let n = s.read(&mut buf).await.unwrap();
-                assert_eq!(&buf[4..8], b"\0\x03\0\0", "StartupMessage");
-                assert!(n > 8);
-                s.write_all(&ready("16.1")).await.unwrap();
-                let _ = s.read(&mut buf).await;
+                seen
             });
-            let config = ConnParams::parse(&format!("host=127.0.0.1 port={port} user=u"))
-                .unwrap()
-                .resolve(&|_| None)
-                .unwrap();
-            let conn = ReplicationConnection::connect(&config, &options(2000))
-                .await
-                .unwrap();
-            assert_eq!(conn.server(), format!("127.0.0.1:{port}"));
-            assert_eq!(conn.server_version_num(), Some(160001));
-            conn.close().await.unwrap();
-            server.await.unwrap();
+            TlsServer { port, task }
         }
-        let config = ConnParams::parse("host=127.0.0.1 port=1 user=u sslmode=require")
+
+        fn config(&self, host: &str, extra: &str) -> ConnConfig {
+            ConnParams::parse(&format!(
+                "host={host} port={} user=tester {extra}",
+                self.port
+            ))
             .unwrap()
             .resolve(&|_| None)
+            .unwrap()
+        }
+    }
+
+    /// Reads the startup message (the rest of it when `started`), sends `reply`, then reads
+    /// until the client leaves.
+    async fn reply<S>(stream: &mut S, reply: &[u8], started: bool) -> bool
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 8192];
+        let n = stream.read(&mut buf).await.unwrap_or(0);
+        if !started && (n < 8 || buf[4..8] != *b"\0\x03\0\0") {
+            return false;
+        }
+        if stream.write_all(reply).await.is_err() || stream.flush().await.is_err() {
+            return false;
+        }
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        true
+    }
+
+    fn refusal(message: &str) -> Vec<u8> {
+        bytes(&[BackendMessage::ErrorResponse(
+            crate::replication::message::ErrorFields(vec![
+                (b'S', "FATAL".into()),
+                (b'V', "FATAL".into()),
+                (b'C', "28000".into()),
+                (b'M', message.into()),
+            ]),
+        )])
+    }
+
+    fn fixture(name: &str) -> String {
+        tls::tests::fixture(name).display().to_string()
+    }
+
+    #[tokio::test]
+    async fn sslmode_prefer_and_require_when_the_server_has_no_tls() {
+        // 'N': prefer goes on in plain text on the same socket.
+        let server = TlsServer::start(b'N', None, vec![], ready("16.1"), 1).await;
+        let conn = ReplicationConnection::connect(&server.config("127.0.0.1", ""), &options(2000))
+            .await
             .unwrap();
+        assert_eq!(conn.server(), format!("127.0.0.1:{}", server.port));
+        assert_eq!(conn.server_version_num(), Some(160001));
+        assert_eq!(conn.tls_session(), None);
+        conn.close().await.unwrap();
+        let seen = server.task.await.unwrap();
+        assert!(
+            seen[0].ssl_request && seen[0].startup && !seen[0].tls,
+            "{seen:?}"
+        );
+
+        // 'S', then the handshake fails: prefer connects again in plain text.
+        let server = TlsServer::start(b'S', None, vec![], ready("16.1"), 2).await;
+        let conn = ReplicationConnection::connect(&server.config("127.0.0.1", ""), &options(2000))
+            .await
+            .unwrap();
+        assert_eq!(conn.tls_session(), None);
+        conn.close().await.unwrap();
+        let seen = server.task.await.unwrap();
+        assert!(seen[0].ssl_request && !seen[0].startup, "{seen:?}");
+        assert!(!seen[1].ssl_request && seen[1].startup, "{seen:?}");
+
+        // disable never asks.
+        let server = TlsServer::start(b'N', None, vec![], ready("16.1"), 1).await;
+        let config = server.config("127.0.0.1", "sslmode=disable");
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        assert!(!server.task.await.unwrap()[0].ssl_request);
+
+        // require and stricter: a clear, final error.
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let server = TlsServer::start(b'N', None, vec![], ready("16.1"), 1).await;
+            let config = server.config(
+                "127.0.0.1",
+                &format!("sslmode={mode} sslrootcert={}", fixture("ca.crt")),
+            );
+            let err = ReplicationConnection::connect(&config, &options(2000))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, ReplicationError::Tls { .. }), "{err}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "127.0.0.1:{}: the server does not accept TLS (sslmode={mode}): turn ssl on \
+                     in its postgresql.conf, or use sslmode=prefer (or disable) on a trusted \
+                     network",
+                    server.port
+                )
+            );
+            assert!(!err.is_retryable());
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_verify_full_checks_the_name_and_sends_sni() {
+        let tls = server_tls("server.crt", "server.key", None);
+        let verify = format!("sslmode=verify-full sslrootcert={}", fixture("ca.crt"));
+        for (host, extra, sni) in [
+            ("localhost", "", Some("localhost")),
+            ("127.0.0.1", "", None),
+            ("localhost", "sslsni=0", None),
+        ] {
+            let server = TlsServer::start(b'S', Some(tls.clone()), ready("15.4"), vec![], 1).await;
+            let config = server.config(host, &format!("{verify} {extra}"));
+            let conn = ReplicationConnection::connect(&config, &options(2000))
+                .await
+                .unwrap_or_else(|e| panic!("{host} {extra}: {e}"));
+            let session = conn.tls_session().expect("a TLS connection");
+            assert_eq!(session.protocol, "TLSv1.3");
+            assert!(session.cipher_suite.starts_with("TLS13_"), "{session:?}");
+            assert_eq!(conn.server_version_num(), Some(150004));
+            conn.close().await.unwrap();
+            let seen = server.task.await.unwrap();
+            assert!(seen[0].tls && seen[0].startup, "{seen:?}");
+            assert_eq!(seen[0].sni.as_deref(), sni, "{host} {extra}");
+            assert_eq!(seen[0].alpn.as_deref(), Some(&b"postgresql"[..]));
+            assert!(!seen[0].client_certificate);
+        }
+
+        // A certificate for another name: verify-full refuses it, verify-ca takes it.
+        let elsewhere = server_tls("elsewhere.crt", "elsewhere.key", None);
+        let server = TlsServer::start(b'S', Some(elsewhere.clone()), vec![], vec![], 1).await;
+        let err =
+            ReplicationConnection::connect(&server.config("localhost", &verify), &options(2000))
+                .await
+                .unwrap_err();
+        assert!(matches!(err, ReplicationError::Tls { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "localhost:{}: the server's certificate does not match the host name \
+                 \"localhost\" (sslmode=verify-full): certificate not valid for name \
+                 \"localhost\"; certificate is only valid for DnsName(\"db.example.test\")",
+                server.port
+            )),
+            "{text}"
+        );
+        assert!(!err.is_retryable());
+        assert!(server.task.await.unwrap()[0].handshake_error.is_some());
+
+        let server = TlsServer::start(b'S', Some(elsewhere), ready("15.4"), vec![], 1).await;
+        let config = server.config(
+            "localhost",
+            &format!("sslmode=verify-ca sslrootcert={}", fixture("ca.crt")),
+        );
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        assert!(conn.tls_session().is_some());
+        conn.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tls_untrusted_certificates_name_the_root_file() {
+        // Signed by another CA, and for another name: the chain is checked first, so even
+        // verify-ca (which ignores names) refuses it as untrusted.
+        let stranger = server_tls("stranger.crt", "stranger.key", None);
+        let root = fixture("ca.crt");
+        for mode in ["verify-ca", "verify-full", "require"] {
+            let server = TlsServer::start(b'S', Some(stranger.clone()), vec![], vec![], 1).await;
+            let config = server.config("localhost", &format!("sslmode={mode} sslrootcert={root}"));
+            let err = ReplicationConnection::connect(&config, &options(2000))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "localhost:{}: the server's certificate is not trusted: it is not signed by a \
+                     CA of root certificate file \"{root}\" (sslmode={mode})",
+                    server.port
+                )
+            );
+            assert!(!err.is_retryable());
+        }
+
+        // require without root certificates checks nothing.
+        let server = TlsServer::start(b'S', Some(stranger.clone()), ready("15.4"), vec![], 1).await;
+        let config = server.config("localhost", "sslmode=require");
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        assert!(conn.tls_session().is_some());
+        conn.close().await.unwrap();
+
+        // prefer with a root file: TLS fails, so (as libpq) plain text on a new connection.
+        let server = TlsServer::start(b'S', Some(stranger), vec![], ready("15.4"), 2).await;
+        let config = server.config("localhost", &format!("sslrootcert={root}"));
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        assert_eq!(conn.tls_session(), None);
+        conn.close().await.unwrap();
+        let seen = server.task.await.unwrap();
+        assert!(seen[0].handshake_error.is_some(), "{seen:?}");
+        assert!(!seen[1].ssl_request && seen[1].startup, "{seen:?}");
+
+        // A CA certificate served as the server's own.
+        let misuse = server_tls("ca.crt", "ca-as-server.key", None);
+        let server = TlsServer::start(b'S', Some(misuse), vec![], vec![], 1).await;
+        let config = server.config(
+            "localhost",
+            &format!("sslmode=verify-ca sslrootcert={root}"),
+        );
         let err = ReplicationConnection::connect(&config, &options(2000))
             .await
             .unwrap_err();
         assert!(
-            err.to_string()
-                .contains("TLS, which walcore does not support yet"),
+            err.to_string().contains(
+                "the server's certificate is a CA certificate (basicConstraints CA:TRUE)"
+            ),
             "{err}"
         );
     }
 
     #[tokio::test]
+    async fn tls_client_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.key");
+        std::fs::copy(tls::tests::fixture("client.key"), &key).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let tls = server_tls("server.crt", "server.key", Some("ca.crt"));
+        let verify = format!("sslmode=verify-full sslrootcert={}", fixture("ca.crt"));
+
+        let server = TlsServer::start(b'S', Some(tls.clone()), ready("15.4"), vec![], 1).await;
+        let config = server.config(
+            "localhost",
+            &format!(
+                "{verify} sslcert={} sslkey={}",
+                fixture("client.crt"),
+                key.display()
+            ),
+        );
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let seen = server.task.await.unwrap();
+        assert!(seen[0].client_certificate && seen[0].startup, "{seen:?}");
+
+        // Without one, the server ends TLS (under TLS 1.3, after the client's handshake is
+        // done, so the alert arrives with the first reply).
+        let server = TlsServer::start(b'S', Some(tls), ready("15.4"), vec![], 1).await;
+        let config = server.config(
+            "localhost",
+            &format!(
+                "{verify} sslcertmode=disable sslcert={}",
+                fixture("client.crt")
+            ),
+        );
+        let err = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReplicationError::Tls { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("does it require a client certificate (sslcert, sslkey)"),
+            "{err}"
+        );
+        assert!(!err.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_refused_session_is_tried_again_with_the_other_tls_choice() {
+        let tls = server_tls("server.crt", "server.key", None);
+        // allow: plain text first; refused, then TLS.
+        let server = TlsServer::start(
+            b'S',
+            Some(tls.clone()),
+            ready("15.4"),
+            refusal("no pg_hba.conf entry for replication connection, no encryption"),
+            2,
+        )
+        .await;
+        let conn = ReplicationConnection::connect(
+            &server.config("127.0.0.1", "sslmode=allow"),
+            &options(2000),
+        )
+        .await
+        .unwrap();
+        assert!(conn.tls_session().is_some());
+        conn.close().await.unwrap();
+        let seen = server.task.await.unwrap();
+        assert!(!seen[0].ssl_request && seen[1].tls, "{seen:?}");
+
+        // prefer: TLS first; refused, then plain text; refused again, both refusals told.
+        let server = TlsServer::start(
+            b'S',
+            Some(tls.clone()),
+            refusal("password authentication failed for user \"tester\""),
+            refusal("no pg_hba.conf entry for replication connection, no encryption"),
+            2,
+        )
+        .await;
+        let err = ReplicationConnection::connect(&server.config("127.0.0.1", ""), &options(2000))
+            .await
+            .unwrap_err();
+        assert_eq!(err.sqlstate(), Some("28000"));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "127.0.0.1:{}: authenticating as \"tester\" without TLS, after the server \
+                 refused the session over TLS (FATAL: password authentication failed for user \
+                 \"tester\" (SQLSTATE 28000)): FATAL: no pg_hba.conf entry for replication \
+                 connection, no encryption (SQLSTATE 28000)",
+                server.port
+            )
+        );
+
+        // require: no second try.
+        let server = TlsServer::start(
+            b'S',
+            Some(tls),
+            refusal("password authentication failed for user \"tester\""),
+            ready("15.4"),
+            1,
+        )
+        .await;
+        let err = ReplicationConnection::connect(
+            &server.config("127.0.0.1", "sslmode=require"),
+            &options(2000),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "authenticating as \"tester\": FATAL: password authentication failed for user \
+                 \"tester\" (SQLSTATE 28000)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unix_sockets_never_use_tls() {
+        let server = FakeServer::start(vec![ready("15.4")]);
+        let config = server.config("sslmode=verify-full sslrootcert=/nonexistent/root.crt");
+        let conn = ReplicationConnection::connect(&config, &options(2000))
+            .await
+            .unwrap();
+        assert_eq!(conn.tls_session(), None);
+        conn.close().await.unwrap();
+        let sent = server.task.await.unwrap();
+        assert_eq!(
+            &sent[4..8],
+            b"\0\x03\0\0",
+            "a StartupMessage, no SSLRequest"
+        );
+    }
+
+    #[tokio::test]
     async fn old_servers_are_refused_for_base_backups() {
-        let server = FakeServer::start(vec![ready("14.9")]);
+        let server = FakeServer::start(vec![ready("12.22")]);
         let conn = ReplicationConnection::connect(&server.config(""), &options(2000))
             .await
             .unwrap();
@@ -1268,7 +1910,7 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().contains(
-                "PostgreSQL 13/14 base backups are not supported yet (the server is 14.9)"
+                "PostgreSQL 12.22 is too old for walcore base backups (13 or later is needed)"
             ),
             "{err}"
         );

@@ -5,9 +5,9 @@
 //!
 //! Two steps, both pure:
 //! - [`ConnParams::parse`] reads a string into the settings it names (nothing else). Unknown
-//!   keywords are an error, as in libpq; keywords libpq knows but that change nothing for a
-//!   replication client without TLS (keepalives, SSL file names, ...) are accepted and ignored;
-//!   those that would demand what walcore cannot do (`service`, `requirepeer`, `require_auth`,
+//!   keywords are an error, as in libpq; keywords libpq knows but that change nothing for this
+//!   client (keepalives, `sslcompression`, GSSAPI settings, ...) are accepted and ignored; those
+//!   that would demand what walcore cannot do (`service`, `requirepeer`, `require_auth`,
 //!   `hostaddr`) are refused with a message saying so.
 //! - [`ConnParams::resolve`] fills what is missing from the environment (a lookup closure, so
 //!   tests never touch the process's) and the defaults, checks values, and gives a
@@ -15,7 +15,9 @@
 //!
 //! Differences from libpq, on purpose: with no host at all, walcore tries the Unix socket
 //! directory `/var/run/postgresql` and then `localhost` over TCP (libpq tries only the
-//! socket); and `connect_timeout` 0 or unset means walcore's own default, never "wait forever".
+//! socket); `connect_timeout` 0 or unset means walcore's own default, never "wait forever"; and
+//! a CRL file or directory named by `sslcrl`/`sslcrldir` must be readable (libpq skips it
+//! silently).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -132,12 +134,14 @@ const KEYWORDS: &[(&str, Option<&str>, Handling)] = &[
         Some("PGREQUIREAUTH"),
         Handling::Refused("restricting authentication methods is not supported yet"),
     ),
+    // walcore always negotiates TLS with an SSLRequest, which every server accepts (also those
+    // that accept direct TLS).
     (
         "sslnegotiation",
         Some("PGSSLNEGOTIATION"),
         Handling::Ignored,
     ),
-    // Settings that change nothing for a client without TLS and GSSAPI, or that only tune it.
+    // Settings that change nothing for a client without GSSAPI, or that only tune it.
     (
         "client_encoding",
         Some("PGCLIENTENCODING"),
@@ -150,23 +154,24 @@ const KEYWORDS: &[(&str, Option<&str>, Handling)] = &[
     ("keepalives_count", None, Handling::Ignored),
     ("tcp_user_timeout", None, Handling::Ignored),
     ("sslcompression", None, Handling::Ignored),
-    ("sslcert", Some("PGSSLCERT"), Handling::Ignored),
-    ("sslkey", Some("PGSSLKEY"), Handling::Ignored),
+    ("sslcert", Some("PGSSLCERT"), Handling::Used),
+    ("sslkey", Some("PGSSLKEY"), Handling::Used),
+    // Encrypted client keys are not supported: loading one fails with a message saying so.
     ("sslpassword", None, Handling::Ignored),
-    ("sslcertmode", Some("PGSSLCERTMODE"), Handling::Ignored),
-    ("sslrootcert", Some("PGSSLROOTCERT"), Handling::Ignored),
-    ("sslcrl", Some("PGSSLCRL"), Handling::Ignored),
-    ("sslcrldir", Some("PGSSLCRLDIR"), Handling::Ignored),
-    ("sslsni", Some("PGSSLSNI"), Handling::Ignored),
+    ("sslcertmode", Some("PGSSLCERTMODE"), Handling::Used),
+    ("sslrootcert", Some("PGSSLROOTCERT"), Handling::Used),
+    ("sslcrl", Some("PGSSLCRL"), Handling::Used),
+    ("sslcrldir", Some("PGSSLCRLDIR"), Handling::Used),
+    ("sslsni", Some("PGSSLSNI"), Handling::Used),
     (
         "ssl_min_protocol_version",
         Some("PGSSLMINPROTOCOLVERSION"),
-        Handling::Ignored,
+        Handling::Used,
     ),
     (
         "ssl_max_protocol_version",
         Some("PGSSLMAXPROTOCOLVERSION"),
-        Handling::Ignored,
+        Handling::Used,
     ),
     ("krbsrvname", Some("PGKRBSRVNAME"), Handling::Ignored),
     ("gsslib", Some("PGGSSLIB"), Handling::Ignored),
@@ -332,22 +337,24 @@ impl ConnParams {
         };
         let dbname = value("dbname").filter(|d| !d.is_empty());
 
+        let home = env("HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
         let password = match value("password").filter(|p| !p.is_empty()) {
             Some(password) => PasswordSource::Given(password),
             None => match value("passfile").filter(|p| !p.is_empty()) {
                 Some(file) => PasswordSource::File(PathBuf::from(file)),
-                None => match env("HOME").filter(|h| !h.is_empty()) {
-                    Some(home) => PasswordSource::File(Path::new(&home).join(".pgpass")),
+                None => match &home {
+                    Some(home) => PasswordSource::File(home.join(".pgpass")),
                     None => PasswordSource::None,
                 },
             },
         };
 
+        let ssl = SslConfig::resolve(&value, home.as_deref())?;
         let sslmode = match value("sslmode") {
-            Some(mode) => SslMode::parse(&mode)?,
+            Some(mode) => Some(SslMode::parse(&mode)?),
             None => match value("requiressl").as_deref() {
-                Some("1") => SslMode::Require,
-                Some("0") | Some("") | None => SslMode::Prefer,
+                Some("1") => Some(SslMode::Require),
+                Some("0") | Some("") | None => None,
                 Some(other) => {
                     return Err(ConnInfoError::InvalidValue {
                         keyword: "requiressl",
@@ -356,6 +363,22 @@ impl ConnParams {
                     });
                 }
             },
+        };
+        // libpq: the system's roots certify any host name their owner controls, so with them
+        // only verify-full means something; it is the default then, and weaker modes are
+        // refused.
+        let sslmode = match (sslmode, &ssl.root_cert) {
+            (None, RootCert::System) => SslMode::VerifyFull,
+            (None, _) => SslMode::Prefer,
+            (Some(mode), RootCert::System) if mode != SslMode::VerifyFull => {
+                return Err(ConnInfoError::InvalidValue {
+                    keyword: "sslmode",
+                    value: mode.to_string(),
+                    expected: "verify-full when sslrootcert=system (a public CA certifies any \
+                               host name its owner controls, so weaker checks prove nothing)",
+                });
+            }
+            (Some(mode), _) => mode,
         };
 
         let connect_timeout = match value("connect_timeout").as_deref().map(str::trim) {
@@ -384,7 +407,7 @@ impl ConnParams {
             (
                 "channel_binding",
                 &["disable", "prefer"][..],
-                "channel binding needs TLS, which is not supported yet",
+                "SCRAM channel binding is not supported yet",
             ),
         ] {
             match value(keyword) {
@@ -416,6 +439,7 @@ impl ConnParams {
             dbname,
             password,
             sslmode,
+            ssl,
             connect_timeout,
             application_name,
             options,
@@ -437,8 +461,11 @@ pub struct ConnConfig {
     pub dbname: Option<String>,
     /// Where the password comes from, if the server asks for one.
     pub password: PasswordSource,
-    /// Whether to negotiate TLS on TCP connections (never on Unix sockets).
+    /// Whether to negotiate TLS on TCP connections (never on Unix sockets), and how much of the
+    /// server's certificate to check.
     pub sslmode: SslMode,
+    /// The certificate files and TLS settings (`sslrootcert`, `sslcert`, ...).
+    pub ssl: SslConfig,
     /// `connect_timeout`, when set to a positive number of seconds.
     pub connect_timeout: Option<Duration>,
     /// `application_name` (or `fallback_application_name`).
@@ -463,6 +490,7 @@ impl fmt::Debug for ConnConfig {
             .field("dbname", &self.dbname)
             .field("password", &self.password)
             .field("sslmode", &self.sslmode)
+            .field("ssl", &self.ssl)
             .field("connect_timeout", &self.connect_timeout)
             .field("application_name", &self.application_name)
             .field("options", &self.options)
@@ -544,20 +572,26 @@ pub enum Host {
     Tcp(String),
 }
 
-/// `sslmode`.
+/// `sslmode`. On TCP only: TLS never applies to Unix sockets.
+///
+/// As in libpq, `allow`, `prefer` and `require` check the server's certificate chain (not its
+/// name) when a root certificate file is there (`sslrootcert`, or `~/.postgresql/root.crt`),
+/// and accept any certificate otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
     /// Never TLS.
     Disable,
-    /// Plain first (walcore: plain only).
+    /// Plain text first; TLS when the server refuses the plain session.
     Allow,
-    /// TLS if the server offers it, else plain (walcore, without TLS yet: plain, after asking).
+    /// TLS when the server accepts it (and the handshake succeeds), else plain text; a session
+    /// refused over TLS is tried once more in plain text.
     Prefer,
     /// TLS or fail.
     Require,
-    /// TLS with a certificate signed by a trusted CA, or fail.
+    /// TLS with a certificate signed by a CA of `sslrootcert`, or fail.
     VerifyCa,
-    /// TLS with a certificate for the host name, or fail.
+    /// TLS with a certificate signed by a CA of `sslrootcert` and naming the host (a DNS name,
+    /// or an IP address in its subjectAltName), or fail.
     VerifyFull,
 }
 
@@ -587,6 +621,12 @@ impl SslMode {
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
         )
     }
+
+    /// Whether this mode refuses a server whose certificate cannot be checked against a root
+    /// certificate (`verify-ca`, `verify-full`).
+    pub fn requires_verification(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
 }
 
 impl fmt::Display for SslMode {
@@ -598,6 +638,206 @@ impl fmt::Display for SslMode {
             SslMode::Require => "require",
             SslMode::VerifyCa => "verify-ca",
             SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// libpq's files in `~/.postgresql/`, used when they exist and no keyword names another.
+const DEFAULT_ROOT_CERT: &str = ".postgresql/root.crt";
+const DEFAULT_ROOT_CRL: &str = ".postgresql/root.crl";
+const DEFAULT_CLIENT_CERT: &str = ".postgresql/postgresql.crt";
+const DEFAULT_CLIENT_KEY: &str = ".postgresql/postgresql.key";
+
+/// A file named by an `ssl*` keyword, or libpq's default for it under `~/.postgresql/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SslFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Named by the connection string or the environment; `false` for libpq's default, which
+    /// is used only when it exists.
+    pub given: bool,
+}
+
+/// Where the CAs that sign the server's certificate come from (`sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates: `sslrootcert`, else `~/.postgresql/root.crt`. As in libpq,
+    /// a file that does not exist means "no verification" under `allow`, `prefer` and `require`,
+    /// and is an error under `verify-ca` and `verify-full`.
+    File(SslFile),
+    /// `sslrootcert=system`: the platform's trusted CAs (which forces `verify-full`).
+    System,
+    /// No `sslrootcert` and no home directory to find the default in.
+    Unset,
+}
+
+/// A TLS protocol version of `ssl_min_protocol_version` / `ssl_max_protocol_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    /// `TLSv1`.
+    V1_0,
+    /// `TLSv1.1`.
+    V1_1,
+    /// `TLSv1.2`.
+    V1_2,
+    /// `TLSv1.3`.
+    V1_3,
+}
+
+impl TlsVersion {
+    fn parse(keyword: &'static str, text: &str) -> Result<Option<TlsVersion>, ConnInfoError> {
+        Ok(Some(match text {
+            "" => return Ok(None),
+            "TLSv1" => TlsVersion::V1_0,
+            "TLSv1.1" => TlsVersion::V1_1,
+            "TLSv1.2" => TlsVersion::V1_2,
+            "TLSv1.3" => TlsVersion::V1_3,
+            other => {
+                return Err(ConnInfoError::InvalidValue {
+                    keyword,
+                    value: quoted(other),
+                    expected: "TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3",
+                });
+            }
+        }))
+    }
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsVersion::V1_0 => "TLSv1",
+            TlsVersion::V1_1 => "TLSv1.1",
+            TlsVersion::V1_2 => "TLSv1.2",
+            TlsVersion::V1_3 => "TLSv1.3",
+        })
+    }
+}
+
+/// The TLS settings of a connection string, with libpq's defaults. They apply only to TCP
+/// connections that negotiate TLS (see [`SslMode`]); the files are read then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SslConfig {
+    /// The CAs trusted to sign the server's certificate.
+    pub root_cert: RootCert,
+    /// Certificate revocation lists: `sslcrl`, else `~/.postgresql/root.crl` (when it exists).
+    /// Checked only when the certificate chain is.
+    pub crl: Option<SslFile>,
+    /// `sslcrldir`: a directory whose every file is a PEM file of CRLs.
+    pub crl_dir: Option<PathBuf>,
+    /// The client certificate (PEM, the client's first, then any intermediates): `sslcert`,
+    /// else `~/.postgresql/postgresql.crt`. Sent when it exists and the server asks for one.
+    pub cert: Option<SslFile>,
+    /// The client certificate's private key (PEM, unencrypted): `sslkey`, else
+    /// `~/.postgresql/postgresql.key`. Needed when the certificate exists.
+    pub key: Option<SslFile>,
+    /// `sslcertmode`: `false` for `disable` (never send a client certificate).
+    pub send_client_cert: bool,
+    /// `sslsni`: send the host name (never an IP address) in the TLS handshake.
+    pub sni: bool,
+    /// `ssl_min_protocol_version` (libpq's default: `TLSv1.2`).
+    pub min_protocol: Option<TlsVersion>,
+    /// `ssl_max_protocol_version`.
+    pub max_protocol: Option<TlsVersion>,
+}
+
+impl SslConfig {
+    /// The settings from `value` (connection string, then environment), with the defaults
+    /// under `home`.
+    fn resolve(
+        value: &dyn Fn(&str) -> Option<String>,
+        home: Option<&Path>,
+    ) -> Result<SslConfig, ConnInfoError> {
+        let file = |keyword: &str, default: &str| -> Option<SslFile> {
+            match value(keyword).filter(|v| !v.is_empty()) {
+                Some(path) => Some(SslFile {
+                    path: PathBuf::from(path),
+                    given: true,
+                }),
+                None => home.map(|home| SslFile {
+                    path: home.join(default),
+                    given: false,
+                }),
+            }
+        };
+        let root_cert = match value("sslrootcert").filter(|v| !v.is_empty()) {
+            Some(system) if system == "system" => RootCert::System,
+            _ => match file("sslrootcert", DEFAULT_ROOT_CERT) {
+                Some(file) => RootCert::File(file),
+                None => RootCert::Unset,
+            },
+        };
+        let crl_dir = value("sslcrldir")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        // libpq looks for the default CRL file only when no CRL directory is given.
+        let crl = match (value("sslcrl").filter(|v| !v.is_empty()), &crl_dir) {
+            (None, Some(_)) => None,
+            _ => file("sslcrl", DEFAULT_ROOT_CRL),
+        };
+        let send_client_cert = match value("sslcertmode").as_deref() {
+            None | Some("") | Some("allow") => true,
+            Some("disable") => false,
+            Some("require") => {
+                return Err(ConnInfoError::Unsupported {
+                    keyword: "sslcertmode=require".to_owned(),
+                    why: "checking that the server asked for a client certificate is not \
+                          supported yet; use allow (the default), and a pg_hba.conf line with \
+                          the cert method or clientcert=verify-full on the server",
+                });
+            }
+            Some(other) => {
+                return Err(ConnInfoError::InvalidValue {
+                    keyword: "sslcertmode",
+                    value: quoted(other),
+                    expected: "disable, allow or require",
+                });
+            }
+        };
+        let sni = match value("sslsni").as_deref() {
+            None | Some("") | Some("1") => true,
+            Some("0") => false,
+            Some(other) => {
+                return Err(ConnInfoError::InvalidValue {
+                    keyword: "sslsni",
+                    value: quoted(other),
+                    expected: "0 or 1",
+                });
+            }
+        };
+        let min_protocol = match value("ssl_min_protocol_version") {
+            Some(v) => TlsVersion::parse("ssl_min_protocol_version", &v)?,
+            None => Some(TlsVersion::V1_2),
+        };
+        let max_protocol = match value("ssl_max_protocol_version") {
+            Some(v) => TlsVersion::parse("ssl_max_protocol_version", &v)?,
+            None => None,
+        };
+        if max_protocol.is_some_and(|max| max < TlsVersion::V1_2) {
+            return Err(ConnInfoError::Unsupported {
+                keyword: "ssl_max_protocol_version".to_owned(),
+                why: "walcore speaks TLS 1.2 and 1.3 only",
+            });
+        }
+        if let (Some(min), Some(max)) = (min_protocol, max_protocol)
+            && min > max
+        {
+            return Err(ConnInfoError::InvalidValue {
+                keyword: "ssl_max_protocol_version",
+                value: max.to_string(),
+                expected: "a version no older than ssl_min_protocol_version",
+            });
+        }
+        Ok(SslConfig {
+            root_cert,
+            crl,
+            crl_dir,
+            cert: file("sslcert", DEFAULT_CLIENT_CERT),
+            key: file("sslkey", DEFAULT_CLIENT_KEY),
+            send_client_cert,
+            sni,
+            min_protocol,
+            max_protocol,
         })
     }
 }
@@ -1251,6 +1491,125 @@ mod tests {
             resolve("user=u connect_timeout=0", &no_env).connect_timeout,
             None
         );
+    }
+
+    #[test]
+    fn tls_settings_and_their_defaults() {
+        // Nothing given: libpq's files under ~/.postgresql, used if they exist; SNI on; TLS
+        // 1.2 at least.
+        let c = resolve("user=u", &env_of(&[("HOME", "/home/u")]));
+        assert_eq!(c.sslmode, SslMode::Prefer);
+        let default = |path: &str| SslFile {
+            path: path.into(),
+            given: false,
+        };
+        assert_eq!(
+            c.ssl,
+            SslConfig {
+                root_cert: RootCert::File(default("/home/u/.postgresql/root.crt")),
+                crl: Some(default("/home/u/.postgresql/root.crl")),
+                crl_dir: None,
+                cert: Some(default("/home/u/.postgresql/postgresql.crt")),
+                key: Some(default("/home/u/.postgresql/postgresql.key")),
+                send_client_cert: true,
+                sni: true,
+                min_protocol: Some(TlsVersion::V1_2),
+                max_protocol: None,
+            }
+        );
+        // No home: nothing to default to.
+        let c = resolve("user=u", &no_env);
+        assert_eq!(c.ssl.root_cert, RootCert::Unset);
+        assert_eq!((c.ssl.cert, c.ssl.key, c.ssl.crl), (None, None, None));
+
+        // Given in the string, or by the PGSSL* variables.
+        let given = |path: &str| SslFile {
+            path: path.into(),
+            given: true,
+        };
+        let c = resolve(
+            "user=u sslmode=verify-ca sslrootcert=/r.pem sslcert=/c.pem sslkey=/k.pem \
+             sslcrldir=/crls sslsni=0 sslcertmode=disable ssl_min_protocol_version=TLSv1.3",
+            &env_of(&[("HOME", "/home/u")]),
+        );
+        assert_eq!(c.sslmode, SslMode::VerifyCa);
+        assert_eq!(c.ssl.root_cert, RootCert::File(given("/r.pem")));
+        assert_eq!(c.ssl.cert, Some(given("/c.pem")));
+        assert_eq!(c.ssl.key, Some(given("/k.pem")));
+        assert_eq!(
+            c.ssl.crl, None,
+            "a CRL directory replaces the default CRL file"
+        );
+        assert_eq!(c.ssl.crl_dir, Some(PathBuf::from("/crls")));
+        assert!(!c.ssl.sni && !c.ssl.send_client_cert);
+        assert_eq!(c.ssl.min_protocol, Some(TlsVersion::V1_3));
+        let c = resolve(
+            "user=u",
+            &env_of(&[
+                ("PGSSLMODE", "verify-full"),
+                ("PGSSLROOTCERT", "/env/root.crt"),
+                ("PGSSLCERT", "/env/c.crt"),
+                ("PGSSLKEY", "/env/c.key"),
+                ("PGSSLCRL", "/env/crl.pem"),
+                ("PGSSLSNI", "1"),
+            ]),
+        );
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.ssl.root_cert, RootCert::File(given("/env/root.crt")));
+        assert_eq!(c.ssl.cert, Some(given("/env/c.crt")));
+        assert_eq!(c.ssl.key, Some(given("/env/c.key")));
+        assert_eq!(c.ssl.crl, Some(given("/env/crl.pem")));
+
+        // sslrootcert=system: verify-full by default, and nothing weaker (libpq 16).
+        let c = resolve("user=u sslrootcert=system", &no_env);
+        assert_eq!(c.ssl.root_cert, RootCert::System);
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        for weaker in ["sslmode=require", "sslmode=verify-ca", "requiressl=1"] {
+            let err = ConnParams::parse(&format!("user=u sslrootcert=system {weaker}"))
+                .unwrap()
+                .resolve_with_os_user(&no_env, no_os_user)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("verify-full when sslrootcert=system"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_setting_checks() {
+        for (conninfo, needle) in [
+            (
+                "sslsni=yes",
+                "invalid value \"yes\" for connection option \"sslsni\"",
+            ),
+            ("sslcertmode=maybe", "sslcertmode"),
+            (
+                "sslcertmode=require",
+                "sslcertmode=require\" is not supported",
+            ),
+            (
+                "ssl_min_protocol_version=TLSv2",
+                "TLSv1, TLSv1.1, TLSv1.2 or TLSv1.3",
+            ),
+            (
+                "ssl_min_protocol_version=TLSv1.3 ssl_max_protocol_version=TLSv1.2",
+                "no older than ssl_min_protocol_version",
+            ),
+            ("ssl_max_protocol_version=TLSv1.1", "TLS 1.2 and 1.3 only"),
+            (
+                "channel_binding=require",
+                "channel binding is not supported",
+            ),
+        ] {
+            let err = ConnParams::parse(&format!("user=u {conninfo}"))
+                .unwrap()
+                .resolve_with_os_user(&no_env, no_os_user)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{conninfo}: {err}");
+        }
+        // An empty minimum lifts libpq's default (rustls still speaks 1.2 at least).
+        let c = resolve("user=u ssl_min_protocol_version=", &no_env);
+        assert_eq!(c.ssl.min_protocol, None);
     }
 
     #[test]

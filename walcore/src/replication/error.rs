@@ -187,7 +187,20 @@ pub enum ReplicationError {
         source: BackupProtocolError,
     },
 
-    /// Something walcore does not support yet (TLS, an authentication method, an old server).
+    /// TLS could not be set up: the server does not accept it while `sslmode` demands it, its
+    /// certificate is not trusted or does not name the host, a certificate or key file is
+    /// unreadable or invalid, or the handshake failed. The configuration (of the client or the
+    /// server) must change, so it is not worth retrying; a network failure in the middle of a
+    /// handshake is an [`ReplicationError::Io`] or [`ReplicationError::Closed`] instead.
+    #[error("{server}: {detail}")]
+    Tls {
+        /// The server.
+        server: String,
+        /// What went wrong, naming the files and settings involved.
+        detail: String,
+    },
+
+    /// Something walcore does not support yet (an authentication method, an old server).
     #[error("{server}: {what}")]
     Unsupported {
         /// The server (or the connection string's target).
@@ -270,6 +283,7 @@ impl ReplicationError {
         match self {
             ReplicationError::ConnInfo(_)
             | ReplicationError::Unsupported { .. }
+            | ReplicationError::Tls { .. }
             | ReplicationError::PasswordRequired { .. }
             | ReplicationError::Authentication { .. }
             | ReplicationError::NulByte(_) => ErrorKind::Configuration,
