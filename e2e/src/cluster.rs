@@ -3,10 +3,16 @@
 //! Each cluster lives in its own directory (`data/`, `sock/` for its Unix socket, `bin/` for
 //! copies of the binaries it runs, `server.log`), listens on no TCP port, and is a `cp -a` copy of
 //! a template initialised once per test process.
+//!
+//! Clusters are PostgreSQL 15 unless made with [`Cluster::new_major`], which runs another major
+//! installed by `scripts/install-pg-majors` ([`pg_major_bin`]); [`pg_majors_wanted`] is the list
+//! a test that runs on every major iterates over.
 
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::bins;
@@ -34,9 +40,128 @@ pub fn pg_bin_dir() -> &'static Path {
     })
 }
 
-/// A command running PostgreSQL program `name` as the server user, with a clean environment.
-fn pg_command(name: &str, cwd: &Path) -> Command {
-    let mut cmd = Command::new(pg_bin_dir().join(name));
+/// The majors a matrix test runs on when `WALCORE_TEST_PG_MATRIX` does not say.
+const DEFAULT_MATRIX: &str = "13,14,16,17,18";
+
+/// Where `scripts/install-pg-majors` puts the other majors: `$WALCORE_TEST_PG_MAJORS`, else
+/// `<workspace>/target/test-tools/pg` (each major in `<major>/bin`, `lib`, `share`).
+pub fn pg_majors_dir() -> PathBuf {
+    std::env::var_os("WALCORE_TEST_PG_MAJORS")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("the e2e crate sits in the workspace")
+                .join("target/test-tools/pg")
+        })
+}
+
+/// The program directory of PostgreSQL `major`, or `None` when it is not installed: 15 is
+/// [`pg_bin_dir`]; the others come from [`pg_majors_dir`]. When the tests run as root and the
+/// installation is out of the server user's reach (a checkout under `/root`), the directory
+/// returned is a copy (hard links where possible) in this process's scratch directory, made
+/// once.
+pub fn pg_major_bin(major: u32) -> Option<&'static Path> {
+    if major == 15 {
+        return Some(pg_bin_dir());
+    }
+    static FOUND: OnceLock<Mutex<HashMap<u32, Option<&'static Path>>>> = OnceLock::new();
+    let mut found = FOUND
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    *found.entry(major).or_insert_with(|| {
+        let install = pg_majors_dir().join(major.to_string());
+        if !install.join("bin/initdb").is_file() || !install.join("bin/postgres").is_file() {
+            return None;
+        }
+        let install = if sys::server_user().is_some() && !reachable_by_others(&install) {
+            stage_install(major, &install)
+        } else {
+            install
+        };
+        Some(Box::leak(install.join("bin").into_boxed_path()))
+    })
+}
+
+/// Whether every directory from `/` down to `path` lets other users through.
+fn reachable_by_others(path: &Path) -> bool {
+    path.ancestors().all(|dir| {
+        std::fs::metadata(dir)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    })
+}
+
+/// A copy of a PostgreSQL installation in the process scratch directory (hard links when on
+/// the same file system), for a server user that cannot reach the original.
+fn stage_install(major: u32, install: &Path) -> PathBuf {
+    let dst = sys::process_scratch().join(format!("pg{major}"));
+    let linked = sys::run(
+        Command::new("cp").arg("-al").arg(install).arg(&dst),
+        Duration::from_secs(120),
+    );
+    if !linked.status.success() {
+        let _ = std::fs::remove_dir_all(&dst);
+        sys::copy_tree(install, &dst);
+    }
+    dst
+}
+
+/// Whether the tests run in CI (`CI` set, and not to `0` or `false`).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The majors a test running on every major covers: those of `WALCORE_TEST_PG_MATRIX` (a comma
+/// list, default `13,14,16,17,18`) that are installed. A wanted major that is missing fails
+/// the test in CI (`CI` set) and is skipped with a message otherwise; either way the message
+/// names `scripts/install-pg-majors`.
+pub fn pg_majors_wanted() -> Vec<u32> {
+    let matrix = std::env::var("WALCORE_TEST_PG_MATRIX")
+        .ok()
+        .filter(|m| !m.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_MATRIX.to_owned());
+    let wanted: Vec<u32> = matrix
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            m.parse()
+                .unwrap_or_else(|_| panic!("WALCORE_TEST_PG_MATRIX={matrix:?}: {m:?} is no major"))
+        })
+        .collect();
+    let (present, missing): (Vec<u32>, Vec<u32>) =
+        wanted.into_iter().partition(|&m| pg_major_bin(m).is_some());
+    if !missing.is_empty() {
+        let message = format!(
+            "PostgreSQL {missing:?} not installed in {} (run ./scripts/install-pg-majors, or set \
+             WALCORE_TEST_PG_MAJORS / WALCORE_TEST_PG_MATRIX)",
+            pg_majors_dir().display()
+        );
+        assert!(!in_ci(), "{message}");
+        eprintln!("SKIPPED: {message}");
+    }
+    present
+}
+
+/// The path of PostgreSQL program `name` for a cluster whose server programs are in `bin`: from
+/// `bin` when it has it, else PostgreSQL 15's (an installation with server programs only
+/// borrows 15's clients: psql, pg_basebackup, pg_verifybackup).
+pub fn pg_program(bin: &Path, name: &str) -> PathBuf {
+    let own = bin.join(name);
+    if own.is_file() {
+        own
+    } else {
+        pg_bin_dir().join(name)
+    }
+}
+
+/// A command running PostgreSQL program `name` (from `bin`, see [`pg_program`]) as the server
+/// user, with a clean environment.
+fn pg_command(bin: &Path, name: &str, cwd: &Path) -> Command {
+    let mut cmd = Command::new(pg_program(bin, name));
     cmd.env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LC_ALL", "C")
@@ -62,11 +187,12 @@ log_line_prefix = '%m [%p] '
 log_min_messages = info
 ";
 
-/// Runs `initdb` into `dir/data` and writes the shared settings.
-fn initdb(dir: &Path) -> PathBuf {
+/// Runs `bin`'s `initdb` into `dir/data` and writes the shared settings (every line of which
+/// PostgreSQL 13 to 18 accept).
+fn initdb(bin: &Path, dir: &Path) -> PathBuf {
     let data = dir.join("data");
     let out = sys::run(
-        pg_command("initdb", dir).arg("-D").arg(&data).args([
+        pg_command(bin, "initdb", dir).arg("-D").arg(&data).args([
             "-U",
             "postgres",
             "--auth=trust",
@@ -99,28 +225,62 @@ fn append_conf(data: &Path, text: &str) {
 }
 
 /// A stopped, freshly initialised cluster's data directory, made once per test process.
-fn template(which: &'static str, cell: &'static OnceLock<PathBuf>) -> &'static Path {
+fn template(which: &str, bin: &Path, cell: &'static OnceLock<PathBuf>) -> &'static Path {
     cell.get_or_init(|| {
         let dir = sys::server_mkdir(&sys::process_scratch().join(which));
-        initdb(&dir)
+        initdb(bin, &dir)
     })
 }
 
 /// The template every [`Cluster::new`] copies.
 pub fn main_template() -> &'static Path {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
-    template("template", &CELL)
+    template("template", pg_bin_dir(), &CELL)
 }
 
 /// A second, independently initialised template: another system identifier.
 pub fn foreign_template() -> &'static Path {
     static CELL: OnceLock<PathBuf> = OnceLock::new();
-    template("foreign", &CELL)
+    template("foreign", pg_bin_dir(), &CELL)
+}
+
+/// The template of PostgreSQL `major` (initialised once per major per test process; 15's is
+/// [`main_template`]). Panics when the major is not installed.
+pub fn major_template(major: u32) -> &'static Path {
+    if major == 15 {
+        return main_template();
+    }
+    let bin = pg_major_bin(major).unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL {major} is not installed in {} (run ./scripts/install-pg-majors)",
+            pg_majors_dir().display()
+        )
+    });
+    static CELLS: OnceLock<Mutex<HashMap<u32, &'static OnceLock<PathBuf>>>> = OnceLock::new();
+    let cell: &'static OnceLock<PathBuf> = CELLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(major)
+        .or_insert_with(|| Box::leak(Box::new(OnceLock::new())));
+    template(&format!("template{major}"), bin, cell)
 }
 
 /// Quotes a value for `postgresql.conf`.
 pub fn conf_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The major of the data directory `data`, from its `PG_VERSION` ("15", or "9.6" before 10).
+fn try_data_major(data: &Path) -> Option<u32> {
+    let version = std::fs::read_to_string(data.join("PG_VERSION")).ok()?;
+    version.trim().split('.').next()?.parse().ok()
+}
+
+/// [`try_data_major`], panicking when there is no readable `PG_VERSION`.
+fn data_major(data: &Path) -> u32 {
+    try_data_major(data)
+        .unwrap_or_else(|| panic!("no PostgreSQL major in {}/PG_VERSION", data.display()))
 }
 
 /// How a recovery attempt ended.
@@ -147,6 +307,10 @@ pub struct Cluster {
     pub sock: PathBuf,
     pub bin: PathBuf,
     pub log: PathBuf,
+    /// Where this cluster's server programs (initdb, pg_ctl, postgres) come from.
+    pg_bin: &'static Path,
+    /// Its PostgreSQL major (`PG_VERSION`).
+    major: u32,
     env: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
@@ -154,23 +318,39 @@ pub struct Cluster {
 impl Cluster {
     /// A copy of the main template (same system identifier as every other `new()` cluster).
     pub fn new() -> Cluster {
-        Cluster::copy_of(main_template())
+        Cluster::copy_of(main_template(), pg_bin_dir())
     }
 
     /// A copy of the foreign template: a cluster with another system identifier.
     pub fn foreign() -> Cluster {
-        Cluster::copy_of(foreign_template())
+        Cluster::copy_of(foreign_template(), pg_bin_dir())
+    }
+
+    /// A cluster of PostgreSQL `major`, a copy of that major's template; 15 is
+    /// [`Cluster::new`]. Panics when the major is not installed (see [`pg_majors_wanted`]).
+    pub fn new_major(major: u32) -> Cluster {
+        if major == 15 {
+            return Cluster::new();
+        }
+        let template = major_template(major);
+        let bin = pg_major_bin(major).expect("installed: its template exists");
+        Cluster::copy_of(template, bin)
     }
 
     /// A cluster whose data directory is a copy of `backup`, with archiving off (set
-    /// recovery up with [`Cluster::recover_with`]).
+    /// recovery up with [`Cluster::recover_with`]). It runs the backup's major: 15's programs,
+    /// or another installed major's for a backup of that major.
     pub fn from_backup(backup: &BaseBackup) -> Cluster {
-        let c = Cluster::copy_of(&backup.path);
+        let bin = match try_data_major(&backup.path) {
+            Some(other) if other != 15 => pg_major_bin(other).unwrap_or_else(pg_bin_dir),
+            _ => pg_bin_dir(),
+        };
+        let c = Cluster::copy_of(&backup.path, bin);
         c.set("archive_mode", "off");
         c
     }
 
-    fn copy_of(src: &Path) -> Cluster {
+    fn copy_of(src: &Path, pg_bin: &'static Path) -> Cluster {
         let dir = sys::server_tempdir("wc");
         let data = dir.path().join("data");
         sys::copy_tree(src, &data);
@@ -183,11 +363,14 @@ impl Cluster {
             sock.join(".s.PGSQL.5432").as_os_str().len() < 100,
             "socket path too long"
         );
+        let major = data_major(&data);
         let c = Cluster {
             data,
             sock,
             bin,
             log,
+            pg_bin,
+            major,
             env: Vec::new(),
             dir,
         };
@@ -198,6 +381,22 @@ impl Cluster {
     /// The cluster's temporary directory (owned by the server user).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The cluster's PostgreSQL major (from its `PG_VERSION`).
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
+    /// The directory of the server programs this cluster runs.
+    pub fn pg_bin(&self) -> &'static Path {
+        self.pg_bin
+    }
+
+    /// The path of PostgreSQL program `name` for this cluster: its own major's, or 15's for a
+    /// client program its installation lacks (see [`pg_program`]).
+    pub fn pg_program(&self, name: &str) -> PathBuf {
+        pg_program(self.pg_bin, name)
     }
 
     /// Appends `name = 'value'` to `postgresql.conf` (later lines win; takes effect at the
@@ -227,7 +426,7 @@ impl Cluster {
     }
 
     fn pg_ctl(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = pg_command("pg_ctl", self.dir.path());
+        let mut cmd = pg_command(self.pg_bin, "pg_ctl", self.dir.path());
         cmd.arg("-D").arg(&self.data).args(args);
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -324,7 +523,7 @@ impl Cluster {
 
     /// Runs `sql` with psql (unaligned, tuples only); `Err` has psql's stderr.
     pub fn try_psql(&self, sql: &str) -> Result<String, String> {
-        let mut cmd = pg_command("psql", self.dir.path());
+        let mut cmd = pg_command(self.pg_bin, "psql", self.dir.path());
         cmd.arg("-X")
             .args(["-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
             .arg("-h")
@@ -427,7 +626,7 @@ impl Cluster {
     pub fn base_backup(&self) -> BaseBackup {
         let dir = sys::server_tempdir("wcbb");
         let path = dir.path().join("data");
-        let mut cmd = pg_command("pg_basebackup", dir.path());
+        let mut cmd = pg_command(self.pg_bin, "pg_basebackup", dir.path());
         cmd.arg("-h")
             .arg(&self.sock)
             .args(["-p", "5432", "-U", "postgres", "-X", "none", "-c", "fast"])
@@ -455,7 +654,7 @@ impl Cluster {
     pub fn base_backup_tar(&self) -> BaseBackup {
         let dir = sys::server_tempdir("wcbt");
         let path = sys::server_mkdir(&dir.path().join("tar"));
-        let mut cmd = pg_command("pg_basebackup", dir.path());
+        let mut cmd = pg_command(self.pg_bin, "pg_basebackup", dir.path());
         cmd.arg("-h")
             .arg(&self.sock)
             .args([

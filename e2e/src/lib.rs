@@ -16,6 +16,9 @@
 //!
 //! Environment: `WALCORE_BIN_DIR` (the binaries, default: this test's profile directory),
 //! `WALCORE_TEST_PG_BIN` (PostgreSQL's programs, default PostgreSQL 15's),
+//! `WALCORE_TEST_PG_MAJORS` (the other majors, as `scripts/install-pg-majors` installs them,
+//! default `target/test-tools/pg`), `WALCORE_TEST_PG_MATRIX` (the majors the tests that run on
+//! every major cover, default `13,14,16,17,18`; in CI, `CI` set, a missing one fails them),
 //! `WALCORE_TEST_MOTO_SERVER` (moto's `moto_server`, default: from `PATH`),
 //! `WALCORE_TEST_SKIP_S3=1` (skip S3 tests, loudly).
 

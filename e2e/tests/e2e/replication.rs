@@ -1,7 +1,8 @@
 //! walcore's replication client (`walcore::replication`) against real PostgreSQL 15: its answers
 //! compared with PostgreSQL's own (`pg_control_system()`, `pg_current_wal_flush_lsn()`,
 //! `pg_verifybackup`), authentication as pg_hba.conf demands it (trust, SCRAM-SHA-256, MD5), the
-//! errors a DBA sees, and a whole BASE_BACKUP.
+//! errors a DBA sees, and a whole BASE_BACKUP; then BASE_BACKUP on every other major of the
+//! matrix (13 to 18).
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ fn lsn(text: &str) -> Lsn {
 
 /// Sets the method of pg_hba.conf's `local replication` lines and reloads, waiting until the
 /// postmaster has read the file (new sessions see a new `pg_conf_load_time()`).
-fn set_local_replication_auth(cluster: &Cluster, method: &str) {
+pub(crate) fn set_local_replication_auth(cluster: &Cluster, method: &str) {
     let path = cluster.data.join("pg_hba.conf");
     let hba = std::fs::read_to_string(&path).expect("read pg_hba.conf");
     let mut changed = 0;
@@ -254,7 +255,7 @@ fn unreachable_server_fails_fast_and_clearly() {
 }
 
 /// The names and sizes in a tar stream, checking each 512-byte header's checksum and that the
-/// stream ends with the two zero blocks.
+/// stream ends with exactly the two zero blocks.
 fn tar_entries(tar: &[u8]) -> Vec<(String, u64)> {
     let octal = |field: &[u8]| -> u64 {
         let text: String = field
@@ -273,6 +274,7 @@ fn tar_entries(tar: &[u8]) -> Vec<(String, u64)> {
         if header.iter().all(|&b| b == 0) {
             let next = tar.get(pos + 512..pos + 1024).expect("second end block");
             assert!(next.iter().all(|&b| b == 0), "second end block");
+            assert_eq!(tar.len(), pos + 1024, "nothing after the two end blocks");
             return entries;
         }
         let sum: u64 = header
@@ -486,5 +488,291 @@ fn run_ok(cmd: &mut std::process::Command) {
         out.status,
         out.stdout,
         out.stderr
+    );
+}
+
+/// The archives, manifest and positions of a whole base backup, from its events, with the shape
+/// of the event sequence (runs of `Data` and `Progress` folded into one `data`).
+struct Collected {
+    start_lsn: Lsn,
+    end_lsn: Lsn,
+    tablespaces: Vec<walcore::replication::TablespaceInfo>,
+    archives: Vec<(String, Option<std::path::PathBuf>, Vec<u8>)>,
+    manifest: Vec<u8>,
+    last_progress: Option<u64>,
+    shape: Vec<&'static str>,
+}
+
+fn collect(events: Vec<BackupEvent>) -> Collected {
+    let mut c = Collected {
+        start_lsn: Lsn(0),
+        end_lsn: Lsn(0),
+        tablespaces: Vec::new(),
+        archives: Vec::new(),
+        manifest: Vec::new(),
+        last_progress: None,
+        shape: Vec::new(),
+    };
+    let mut in_manifest = false;
+    for event in events {
+        let kind = match event {
+            BackupEvent::Started {
+                start_lsn,
+                timeline,
+                tablespaces,
+            } => {
+                assert_eq!(timeline, TimelineId(1));
+                c.start_lsn = start_lsn;
+                c.tablespaces = tablespaces;
+                "started"
+            }
+            BackupEvent::Archive { name, location } => {
+                assert!(!in_manifest, "archive {name} after the manifest");
+                c.archives.push((name, location, Vec::new()));
+                "archive"
+            }
+            BackupEvent::Manifest => {
+                in_manifest = true;
+                "manifest"
+            }
+            BackupEvent::Data(data) => {
+                if in_manifest {
+                    c.manifest.extend_from_slice(&data);
+                } else {
+                    let archive = c.archives.last_mut().expect("data before any archive");
+                    archive.2.extend_from_slice(&data);
+                }
+                "data"
+            }
+            BackupEvent::Progress(done) => {
+                assert!(
+                    c.last_progress.is_none_or(|before| done >= before),
+                    "progress goes forward"
+                );
+                c.last_progress = Some(done);
+                "data"
+            }
+            BackupEvent::Finished { end_lsn, timeline } => {
+                assert_eq!(timeline, TimelineId(1));
+                c.end_lsn = end_lsn;
+                "finished"
+            }
+        };
+        if kind != "data" || c.shape.last() != Some(&"data") {
+            c.shape.push(kind);
+        }
+    }
+    c
+}
+
+/// Takes a base backup of `cluster` with walcore's client; checks that the connection is
+/// usable afterwards and that the server is the major the cluster says.
+fn walcore_base_backup(cluster: &Cluster, options: &BaseBackupOptions) -> Collected {
+    let events = block_on(async {
+        let conn = connect(&config(cluster, "user=postgres"))
+            .await
+            .expect("connect");
+        let version = conn.server_version_num().expect("server_version_num");
+        assert_eq!(
+            version / 10_000,
+            cluster.major(),
+            "server version {version}"
+        );
+        let stream = conn.base_backup(options).await.expect("BASE_BACKUP");
+        let (mut rx, task) = stream.spawn();
+        let mut events = Vec::new();
+        while let Some(event) = rx.recv().await {
+            events.push(event.unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL {}: {e}\n--- server log ---\n{}",
+                    cluster.major(),
+                    sys::tail(&cluster.server_log(), 30)
+                )
+            }));
+        }
+        let mut conn = task.await.expect("network task");
+        conn.identify_system()
+            .await
+            .expect("IDENTIFY_SYSTEM after BASE_BACKUP");
+        conn.close().await.expect("close");
+        events
+    });
+    collect(events)
+}
+
+/// A `"<key>": "<LSN>"` of the manifest's WAL range (PostgreSQL 18 pads the LSN's low part).
+fn manifest_lsn(manifest: &str, key: &str) -> Lsn {
+    let at = format!("\"{key}\": \"");
+    let start = manifest
+        .find(&at)
+        .unwrap_or_else(|| panic!("no {key} in the manifest"))
+        + at.len();
+    let end = start + manifest[start..].find('"').expect("closing quote");
+    lsn(&manifest[start..end])
+}
+
+/// On every PostgreSQL major of the matrix (13 and 14 answer BASE_BACKUP differently from 15+),
+/// walcore's client takes a base backup of a cluster with a tablespace and gives the same
+/// events: `Started` listing the tablespace then the main directory, one complete tar archive
+/// each (`<oid>.tar`, then `base.tar`), the manifest, `Finished`. The archives extracted as
+/// PostgreSQL lays a backup out pass `pg_verifybackup`. A second backup with `include_wal`
+/// carries the WAL from its start to its end in `base.tar`.
+#[test]
+fn base_backup_on_every_major() {
+    let majors = walcore_e2e::cluster::pg_majors_wanted();
+    for major in majors {
+        let started = Instant::now();
+        let cluster = Cluster::new_major(major);
+        assert_eq!(cluster.major(), major);
+        cluster.start();
+        let ts_dir = sys::server_mkdir(&cluster.dir().join("ts1"));
+        cluster.psql(&format!(
+            "create tablespace ts1 location '{}'",
+            ts_dir.display()
+        ));
+        cluster.psql("create table t (id int, v text) tablespace ts1");
+        cluster.psql("insert into t select g, repeat('x', 100) from generate_series(1, 2000) g");
+        let ts_oid: u32 = cluster
+            .psql("select oid from pg_tablespace where spcname = 'ts1'")
+            .parse()
+            .expect("tablespace oid");
+
+        let options = BaseBackupOptions {
+            label: format!("walcore e2e on {major}: it's quoted"),
+            checkpoint: Checkpoint::Fast,
+            ..BaseBackupOptions::default()
+        };
+        let b = walcore_base_backup(&cluster, &options);
+        let current = lsn(&cluster.psql("select pg_current_wal_lsn()"));
+
+        // The same shape whatever the major.
+        assert_eq!(
+            b.shape,
+            [
+                "started", "archive", "data", "archive", "data", "manifest", "data", "finished"
+            ],
+            "PostgreSQL {major}"
+        );
+        assert!(b.start_lsn <= b.end_lsn && b.end_lsn <= current);
+        assert_eq!(b.tablespaces.len(), 2, "{:?}", b.tablespaces);
+        assert_eq!(b.tablespaces[0].oid, Some(ts_oid));
+        assert_eq!(b.tablespaces[0].location.as_deref(), Some(ts_dir.as_path()));
+        assert_eq!(
+            (b.tablespaces[1].oid, b.tablespaces[1].location.as_ref()),
+            (None, None)
+        );
+        let names: Vec<(&str, Option<&std::path::Path>)> = b
+            .archives
+            .iter()
+            .map(|(n, l, _)| (n.as_str(), l.as_deref()))
+            .collect();
+        let ts_name = format!("{ts_oid}.tar");
+        assert_eq!(
+            names,
+            [
+                (ts_name.as_str(), Some(ts_dir.as_path())),
+                ("base.tar", None)
+            ]
+        );
+        // 15 and later report progress (the last report counts every archive byte); 13 and
+        // 14 send none.
+        let total: usize = b.archives.iter().map(|a| a.2.len()).sum();
+        match b.last_progress {
+            Some(done) => {
+                assert!(major >= 15);
+                assert_eq!(done, total as u64);
+            }
+            None => assert!(major < 15, "no progress from PostgreSQL {major}"),
+        }
+
+        // Each archive is a complete tar stream (end blocks included, which 13 and 14 leave
+        // to the client).
+        let ts_entries = tar_entries(&b.archives[0].2);
+        assert!(
+            ts_entries
+                .iter()
+                .any(|(n, _)| n.starts_with(&format!("PG_{major}_"))),
+            "{ts_entries:?}"
+        );
+        let base_entries = tar_entries(&b.archives[1].2);
+        let base_names: Vec<&str> = base_entries.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(base_names.first(), Some(&"backup_label"));
+        assert_eq!(base_names.last(), Some(&"global/pg_control"));
+        assert!(base_names.contains(&"tablespace_map"), "{base_names:?}");
+        assert!(
+            !base_names.iter().any(|n| n.starts_with("pg_wal/0")),
+            "no WAL without include_wal"
+        );
+        let label =
+            String::from_utf8_lossy(&b.archives[1].2[512..512 + base_entries[0].1 as usize])
+                .into_owned();
+        assert!(
+            label.contains(&format!("LABEL: walcore e2e on {major}: it's quoted\n")),
+            "{label}"
+        );
+
+        let manifest = String::from_utf8(b.manifest.clone()).expect("manifest is UTF-8");
+        assert!(
+            manifest.starts_with("{ \"PostgreSQL-Backup-Manifest-Version\": "),
+            "{}",
+            &manifest[..manifest.len().min(200)]
+        );
+        assert_eq!(manifest_lsn(&manifest, "Start-LSN"), b.start_lsn);
+        assert_eq!(manifest_lsn(&manifest, "End-LSN"), b.end_lsn);
+
+        // Laid out as pg_basebackup -Fp would (the tablespace in pg_tblspc/<oid>; with
+        // tablespace_map there is no symbolic link to replace), the backup verifies.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let ts_target = data.join("pg_tblspc").join(ts_oid.to_string());
+        std::fs::create_dir(&data).expect("mkdir data");
+        extract(&b.archives[1].2, &data, dir.path().join("base.tar"));
+        std::fs::create_dir_all(&ts_target).expect("mkdir pg_tblspc/<oid>");
+        extract(&b.archives[0].2, &ts_target, dir.path().join(&ts_name));
+        std::fs::write(data.join("backup_manifest"), &manifest).expect("write manifest");
+        let verify = cluster.pg_program("pg_verifybackup");
+        run_ok(std::process::Command::new(&verify).arg("-n").arg(&data));
+
+        // With include_wal, base.tar carries the segments from the start to the end.
+        let options = BaseBackupOptions {
+            include_wal: true,
+            ..options
+        };
+        let w = walcore_base_backup(&cluster, &options);
+        assert_eq!(w.shape, b.shape, "PostgreSQL {major} with WAL");
+        let entries = tar_entries(&w.archives[1].2);
+        let segment = |at: Lsn| {
+            let segno = at.0 / (16 << 20);
+            format!("pg_wal/{:08X}{:08X}{:08X}", 1, segno >> 8, segno & 0xFF)
+        };
+        let wal: Vec<&str> = entries
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| n.starts_with("pg_wal/0"))
+            .collect();
+        assert_eq!(wal.first().copied(), Some(segment(w.start_lsn).as_str()));
+        // The end LSN may sit at a segment's very start: then that segment is not needed.
+        assert_eq!(
+            wal.last().copied(),
+            Some(segment(Lsn(w.end_lsn.0 - 1)).as_str()),
+            "{wal:?}"
+        );
+        drop(cluster);
+        eprintln!(
+            "PostgreSQL {major}: two base backups checked in {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Writes `tar` to `file` and extracts it into `into`.
+fn extract(tar: &[u8], into: &std::path::Path, file: std::path::PathBuf) {
+    std::fs::write(&file, tar).expect("write a tar file");
+    run_ok(
+        std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&file)
+            .arg("-C")
+            .arg(into),
     );
 }

@@ -1,6 +1,6 @@
-//! `BASE_BACKUP` on PostgreSQL 15 and later, as a stream of [`BackupEvent`]s.
+//! `BASE_BACKUP` on PostgreSQL 13 and later, as a stream of [`BackupEvent`]s.
 //!
-//! What the server sends (PostgreSQL 15+, `src/backend/backup/basebackup_copy.c`):
+//! What a PostgreSQL 15+ server sends (`src/backend/backup/basebackup_copy.c`):
 //!
 //! ```text
 //! RowDescription(recptr, tli)  DataRow(start LSN, timeline)  CommandComplete
@@ -15,15 +15,34 @@
 //! CommandComplete("BASE_BACKUP")  ReadyForQuery
 //! ```
 //!
+//! PostgreSQL 13 and 14 (`src/backend/replication/basebackup.c`) take the older option syntax
+//! (bare keywords: `BASE_BACKUP LABEL '…' FAST NOWAIT …`) and answer with one COPY stream per
+//! tablespace, in the order of the tablespace list (so the main directory last), each a bare
+//! tar stream whose archive name is implied (`<oid>.tar`, `base.tar`), without the two zero
+//! blocks that end a tar archive, and with no progress messages; the manifest, when asked for,
+//! is one more COPY stream:
+//!
+//! ```text
+//! RowDescription(recptr, tli)  DataRow(start LSN, timeline)  CommandComplete
+//! RowDescription(spcoid, spclocation, size)  DataRow per tablespace (main last)  CommandComplete
+//! per tablespace:  CopyOutResponse  CopyData (tar bytes)…  CopyDone
+//! with MANIFEST:   CopyOutResponse  CopyData (JSON)…       CopyDone
+//! RowDescription(recptr, tli)  DataRow(end LSN, timeline)  CommandComplete
+//! CommandComplete  ReadyForQuery
+//! ```
+//!
+//! Both come out as the same events: for 13/14 the decoder names each archive itself and ends
+//! each tar stream with the two zero blocks the 15+ server sends (so every archive is a
+//! complete tar file whichever the server); only `Progress` is absent there.
+//!
 //! Note that the data comes in **CopyOut** mode, not CopyBoth; NoticeResponses may appear
-//! anywhere (with `WAIT true`, "all required WAL segments have been archived" arrives between
-//! the last archive and the manifest).
+//! anywhere (when the server waits for WAL archiving, "all required WAL segments have been
+//! archived" arrives between the last archive and the manifest).
 //!
 //! [`BaseBackupDecoder`] is the sans-IO state machine: backend messages in, events out, an error
-//! naming what was expected otherwise. [`BaseBackupStream`] drives it over a connection with
-//! time limits. PostgreSQL 13 and 14 (the older syntax, one CopyOut stream per tablespace,
-//! archive names implied) are refused for now with a clear error; [`BackupEvent`] is shaped so
-//! that a decoder for them can produce the same events.
+//! naming what was expected otherwise; [`ReplyFormat`] says which of the two replies it reads.
+//! [`BaseBackupStream`] drives it over a connection with time limits, choosing the syntax and
+//! the format by the server's version.
 
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -90,8 +109,8 @@ impl ManifestChecksums {
     }
 }
 
-/// The options of a base backup. WAL is never included (`WAL false`): walcore archives WAL
-/// itself.
+/// The options of a base backup. By default the backup holds no WAL (walcore archives WAL
+/// itself); [`BaseBackupOptions::include_wal`] asks for a self-contained one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseBackupOptions {
     /// `LABEL`: shown in `backup_label` and `pg_stat_progress_basebackup`.
@@ -115,6 +134,11 @@ pub struct BaseBackupOptions {
     pub verify_checksums: bool,
     /// `MAX_RATE` in kB/s (32 to 1048576), to limit the load on the server.
     pub max_rate_kb: Option<u32>,
+    /// `WAL`: the server appends the WAL segments from the backup's start to its end to the
+    /// main archive (under `pg_wal/`), so that the backup is consistent on its own, without a
+    /// WAL archive. Off by default. Those segments must still be in the server's `pg_wal` when
+    /// the backup ends, or the backup fails.
+    pub include_wal: bool,
     /// How long the server may take to start the backup (its checkpoint); see
     /// [`DEFAULT_START_TIMEOUT`]. Once data flows, the connection's read timeout applies.
     pub start_timeout: Duration,
@@ -132,6 +156,7 @@ impl Default for BaseBackupOptions {
             progress: false,
             verify_checksums: true,
             max_rate_kb: None,
+            include_wal: false,
             start_timeout: DEFAULT_START_TIMEOUT,
         }
     }
@@ -140,17 +165,66 @@ impl Default for BaseBackupOptions {
 /// `MAX_RATE` bounds in kB/s (`MAX_RATE_LOWER`, `MAX_RATE_UPPER` in `basebackup.h`).
 const MAX_RATE_RANGE: std::ops::RangeInclusive<u32> = 32..=1_048_576;
 
+/// Which BASE_BACKUP syntax a server takes and which reply it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyFormat {
+    /// PostgreSQL 13 and 14: bare option keywords; one COPY stream per tablespace, then one for
+    /// the manifest.
+    Pg13,
+    /// PostgreSQL 15 and later: a parenthesised option list; one COPY stream of typed messages.
+    Pg15,
+}
+
+impl ReplyFormat {
+    /// The format of a server with this `server_version_num`; `None` before 13 (no backup
+    /// manifests, a different reply).
+    pub fn for_server(server_version_num: u32) -> Option<ReplyFormat> {
+        match server_version_num {
+            0..130_000 => None,
+            130_000..150_000 => Some(ReplyFormat::Pg13),
+            _ => Some(ReplyFormat::Pg15),
+        }
+    }
+}
+
 impl BaseBackupOptions {
-    /// The BASE_BACKUP command in PostgreSQL 15's option syntax. Values are quoted strings
-    /// (the replication grammar's `SCONST`, with `''` for a quote), except `MAX_RATE`.
+    /// The BASE_BACKUP command in PostgreSQL 15's option syntax (see
+    /// [`BaseBackupOptions::command_for`]).
     pub fn command(&self) -> Result<String, String> {
-        let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-        let bool_word = |b: bool| if b { "'true'" } else { "'false'" };
+        self.command_for(ReplyFormat::Pg15)
+    }
+
+    /// The BASE_BACKUP command for a server of `format`. Quoted values are the replication
+    /// grammar's `SCONST` (`''` for a quote, backslashes literal) in both syntaxes.
+    ///
+    /// PostgreSQL 15's syntax states every option. PostgreSQL 13/14's grammar (`repl_gram.y`)
+    /// has only keywords that turn something on, so an option at its default there is left
+    /// out: `FAST` for a fast checkpoint, `NOWAIT` for not waiting for WAL archiving,
+    /// `NOVERIFY_CHECKSUMS` for not verifying, no `MANIFEST` for no manifest (and then no
+    /// `MANIFEST_CHECKSUMS`, which 13/14 refuse without a manifest).
+    pub fn command_for(&self, format: ReplyFormat) -> Result<String, String> {
         if self.label.contains('\0') {
             return Err("the backup label contains a NUL character".to_owned());
         }
+        if let Some(rate) = self.max_rate_kb
+            && !MAX_RATE_RANGE.contains(&rate)
+        {
+            return Err(format!(
+                "MAX_RATE {rate} kB/s is outside PostgreSQL's range {}..={} kB/s",
+                MAX_RATE_RANGE.start(),
+                MAX_RATE_RANGE.end()
+            ));
+        }
+        Ok(match format {
+            ReplyFormat::Pg15 => self.command_pg15(),
+            ReplyFormat::Pg13 => self.command_pg13(),
+        })
+    }
+
+    fn command_pg15(&self) -> String {
+        let bool_word = |b: bool| if b { "'true'" } else { "'false'" };
         let mut options = vec![
-            format!("LABEL {}", quote(&self.label)),
+            format!("LABEL {}", sql_quote(&self.label)),
             format!(
                 "CHECKPOINT {}",
                 match self.checkpoint {
@@ -159,7 +233,7 @@ impl BaseBackupOptions {
                 }
             ),
             format!("WAIT {}", bool_word(self.wait_for_wal_archive)),
-            "WAL 'false'".to_owned(),
+            format!("WAL {}", bool_word(self.include_wal)),
             format!("TABLESPACE_MAP {}", bool_word(self.tablespace_map)),
             format!("PROGRESS {}", bool_word(self.progress)),
             format!("VERIFY_CHECKSUMS {}", bool_word(self.verify_checksums)),
@@ -174,17 +248,41 @@ impl BaseBackupOptions {
             options.push("MANIFEST 'no'".to_owned());
         }
         if let Some(rate) = self.max_rate_kb {
-            if !MAX_RATE_RANGE.contains(&rate) {
-                return Err(format!(
-                    "MAX_RATE {rate} kB/s is outside PostgreSQL's range {}..={} kB/s",
-                    MAX_RATE_RANGE.start(),
-                    MAX_RATE_RANGE.end()
-                ));
-            }
             options.push(format!("MAX_RATE {rate}"));
         }
-        Ok(format!("BASE_BACKUP ( {} )", options.join(", ")))
+        format!("BASE_BACKUP ( {} )", options.join(", "))
     }
+
+    fn command_pg13(&self) -> String {
+        let mut command = format!("BASE_BACKUP LABEL {}", sql_quote(&self.label));
+        let mut keyword = |on: bool, word: &str| {
+            if on {
+                command.push(' ');
+                command.push_str(word);
+            }
+        };
+        keyword(self.progress, "PROGRESS");
+        keyword(self.checkpoint == Checkpoint::Fast, "FAST");
+        keyword(self.include_wal, "WAL");
+        keyword(!self.wait_for_wal_archive, "NOWAIT");
+        keyword(self.tablespace_map, "TABLESPACE_MAP");
+        keyword(!self.verify_checksums, "NOVERIFY_CHECKSUMS");
+        if let Some(rate) = self.max_rate_kb {
+            command.push_str(&format!(" MAX_RATE {rate}"));
+        }
+        if self.manifest {
+            command.push_str(&format!(
+                " MANIFEST 'yes' MANIFEST_CHECKSUMS '{}'",
+                self.manifest_checksums.keyword()
+            ));
+        }
+        command
+    }
+}
+
+/// A string as the replication grammar's `SCONST`.
+fn sql_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// A tablespace of the backup, from the list the server sends first.
@@ -431,8 +529,14 @@ enum State {
     StartComplete,
     TablespaceColumns,
     TablespaceRows,
+    // PostgreSQL 15+: the one COPY stream.
     CopyStart,
     Copy,
+    // PostgreSQL 13/14: a COPY stream per archive, then perhaps one for the manifest.
+    ArchiveStart,
+    ArchiveCopy,
+    AfterArchives,
+    ManifestCopy,
     EndColumns,
     EndRow,
     EndComplete,
@@ -449,7 +553,12 @@ impl State {
                 "waiting for the backup to start"
             }
             State::TablespaceColumns | State::TablespaceRows => "reading the tablespace list",
-            State::CopyStart | State::Copy => "receiving the backup data",
+            State::CopyStart
+            | State::Copy
+            | State::ArchiveStart
+            | State::ArchiveCopy
+            | State::AfterArchives
+            | State::ManifestCopy => "receiving the backup data",
             State::EndColumns | State::EndRow | State::EndComplete => {
                 "reading the backup's end position"
             }
@@ -464,8 +573,9 @@ impl State {
             State::StartRow | State::EndRow => "DataRow",
             State::TablespaceRows => "DataRow or CommandComplete",
             State::StartComplete | State::EndComplete => "CommandComplete",
-            State::CopyStart => "CopyOutResponse",
-            State::Copy => "CopyData or CopyDone",
+            State::CopyStart | State::ArchiveStart => "CopyOutResponse",
+            State::Copy | State::ArchiveCopy | State::ManifestCopy => "CopyData or CopyDone",
+            State::AfterArchives => "CopyOutResponse or RowDescription",
             State::CommandComplete => "CommandComplete or ReadyForQuery",
             State::Ready => "ReadyForQuery",
             State::Done => "nothing",
@@ -481,10 +591,14 @@ enum Section {
     Manifest,
 }
 
-/// The sans-IO state machine of a PostgreSQL 15+ BASE_BACKUP reply: feed it every backend
-/// message after the command was sent; it returns the events.
+/// The two zero blocks that end a tar archive, which PostgreSQL 13/14 leave to the client.
+static TAR_END: [u8; 1024] = [0; 1024];
+
+/// The sans-IO state machine of a BASE_BACKUP reply: feed it every backend message after the
+/// command was sent; it returns the events, the same for either [`ReplyFormat`].
 #[derive(Debug)]
 pub struct BaseBackupDecoder {
+    format: ReplyFormat,
     state: State,
     start: Option<(Lsn, TimelineId)>,
     tablespaces: Vec<TablespaceInfo>,
@@ -501,9 +615,24 @@ impl Default for BaseBackupDecoder {
 }
 
 impl BaseBackupDecoder {
-    /// A decoder waiting for the first reply.
+    /// A decoder of a PostgreSQL 15+ reply, waiting for its first message.
     pub fn new() -> BaseBackupDecoder {
+        BaseBackupDecoder::with_format(ReplyFormat::Pg15)
+    }
+
+    /// A decoder of the reply of a server with this `server_version_num`: PostgreSQL 13/14's
+    /// below 150000, else 15's. (Servers before 13 have no BASE_BACKUP walcore can use; refuse
+    /// them before sending the command, see [`ReplyFormat::for_server`].)
+    pub fn new_for(server_version_num: u32) -> BaseBackupDecoder {
+        BaseBackupDecoder::with_format(
+            ReplyFormat::for_server(server_version_num).unwrap_or(ReplyFormat::Pg13),
+        )
+    }
+
+    /// A decoder of a reply in `format`.
+    pub fn with_format(format: ReplyFormat) -> BaseBackupDecoder {
         BaseBackupDecoder {
+            format,
             state: State::StartColumns,
             start: None,
             tablespaces: Vec::new(),
@@ -514,6 +643,11 @@ impl BaseBackupDecoder {
         }
     }
 
+    /// The reply format this decoder reads.
+    pub fn format(&self) -> ReplyFormat {
+        self.format
+    }
+
     /// Where the backup is.
     pub fn phase(&self) -> Phase {
         match self.state {
@@ -522,7 +656,12 @@ impl BaseBackupDecoder {
             | State::StartComplete
             | State::TablespaceColumns
             | State::TablespaceRows => Phase::Starting,
-            State::CopyStart | State::Copy => Phase::Streaming,
+            State::CopyStart
+            | State::Copy
+            | State::ArchiveStart
+            | State::ArchiveCopy
+            | State::AfterArchives
+            | State::ManifestCopy => Phase::Streaming,
             State::EndColumns
             | State::EndRow
             | State::EndComplete
@@ -593,7 +732,11 @@ impl BaseBackupDecoder {
                 Ok(None)
             }
             (State::TablespaceRows, M::CommandComplete(_)) => {
-                self.state = State::CopyStart;
+                self.state = match self.format {
+                    ReplyFormat::Pg15 => State::CopyStart,
+                    ReplyFormat::Pg13 if self.tablespaces.is_empty() => State::AfterArchives,
+                    ReplyFormat::Pg13 => State::ArchiveStart,
+                };
                 let (start_lsn, timeline) = self.start.ok_or(BackupProtocolError::BadRow {
                     what: "start position",
                     detail: "missing".to_owned(),
@@ -619,6 +762,48 @@ impl BaseBackupDecoder {
                 self.state = State::EndColumns;
                 Ok(None)
             }
+
+            // PostgreSQL 13/14: the archives in the order of the tablespace list.
+            (State::ArchiveStart, M::CopyOutResponse(_)) => {
+                let Some(tablespace) = self.tablespaces.get(self.archives) else {
+                    return Err(BackupProtocolError::TooManyArchives(self.tablespaces.len()));
+                };
+                self.archives += 1;
+                self.state = State::ArchiveCopy;
+                Ok(Some(BackupEvent::Archive {
+                    name: match tablespace.oid {
+                        Some(oid) => format!("{oid}.tar"),
+                        None => "base.tar".to_owned(),
+                    },
+                    location: tablespace.location.clone(),
+                }))
+            }
+            (State::ArchiveCopy | State::ManifestCopy, M::CopyData(data)) => {
+                self.copy_messages += 1;
+                Ok(Some(BackupEvent::Data(data)))
+            }
+            (State::ArchiveCopy, M::CopyDone) => {
+                self.state = if self.archives < self.tablespaces.len() {
+                    State::ArchiveStart
+                } else {
+                    State::AfterArchives
+                };
+                Ok(Some(BackupEvent::Data(Bytes::from_static(&TAR_END))))
+            }
+            (State::AfterArchives, M::CopyOutResponse(_)) => {
+                self.state = State::ManifestCopy;
+                Ok(Some(BackupEvent::Manifest))
+            }
+            (State::AfterArchives, M::RowDescription(fields)) => {
+                expect_columns(&fields, 2, "end position")?;
+                self.state = State::EndRow;
+                Ok(None)
+            }
+            (State::ManifestCopy, M::CopyDone) => {
+                self.state = State::EndColumns;
+                Ok(None)
+            }
+
             (State::EndColumns, M::RowDescription(fields)) => {
                 expect_columns(&fields, 2, "end position")?;
                 self.state = State::EndRow;
@@ -784,8 +969,9 @@ pub struct BaseBackupStream {
 }
 
 impl ReplicationConnection {
-    /// Starts `BASE_BACKUP` with `options` (PostgreSQL 15 or later) and returns the stream of
-    /// its events. The connection belongs to the stream until the backup finishes
+    /// Starts `BASE_BACKUP` with `options` (PostgreSQL 13 or later, in the syntax of the
+    /// server's version) and returns the stream of its events, the same whatever the version.
+    /// The connection belongs to the stream until the backup finishes
     /// ([`BaseBackupStream::into_connection`]); if starting fails (an older server, say), it is
     /// closed.
     pub async fn base_backup(
@@ -800,7 +986,7 @@ impl ReplicationConnection {
                 format!("the server reports no usable server_version ({version:?})"),
             ));
         };
-        if num < 130_000 {
+        let Some(format) = ReplyFormat::for_server(num) else {
             return Err(ReplicationError::Unsupported {
                 server: self.server().to_owned(),
                 what: format!(
@@ -808,18 +994,9 @@ impl ReplicationConnection {
                      needed)"
                 ),
             });
-        }
-        if num < 150_000 {
-            return Err(ReplicationError::Unsupported {
-                server: self.server().to_owned(),
-                what: format!(
-                    "PostgreSQL 13/14 base backups are not supported yet (the server is \
-                     {version}); take this backup with pg_basebackup, or upgrade to 15 or later"
-                ),
-            });
-        }
+        };
         let command = options
-            .command()
+            .command_for(format)
             .map_err(|detail| self.invalid("preparing BASE_BACKUP", detail))?;
         self.send_query(&command, "starting BASE_BACKUP").await?;
         let copy_timeout = if options.wait_for_wal_archive {
@@ -829,7 +1006,7 @@ impl ReplicationConnection {
         };
         Ok(BaseBackupStream {
             conn: self,
-            decoder: BaseBackupDecoder::new(),
+            decoder: BaseBackupDecoder::with_format(format),
             start_timeout: options.start_timeout,
             copy_timeout,
             finished: false,
@@ -1265,6 +1442,333 @@ pub(crate) mod tests {
         };
         let command = options.command().unwrap();
         assert!(command.contains("MANIFEST 'no'") && !command.contains("MANIFEST_CHECKSUMS"));
+        let options = BaseBackupOptions {
+            include_wal: true,
+            ..BaseBackupOptions::default()
+        };
+        assert!(options.command().unwrap().contains(", WAL 'true',"));
+    }
+
+    #[test]
+    fn command_uses_pg13_keywords() {
+        let options = BaseBackupOptions {
+            label: "it's".into(),
+            checkpoint: Checkpoint::Fast,
+            max_rate_kb: Some(1024),
+            ..BaseBackupOptions::default()
+        };
+        assert_eq!(
+            options.command_for(ReplyFormat::Pg13).unwrap(),
+            "BASE_BACKUP LABEL 'it''s' FAST NOWAIT TABLESPACE_MAP MAX_RATE 1024 MANIFEST 'yes' \
+             MANIFEST_CHECKSUMS 'CRC32C'"
+        );
+        // Every option turned the other way: only the keywords that turn something on.
+        let options = BaseBackupOptions {
+            label: "x".into(),
+            checkpoint: Checkpoint::Spread,
+            manifest: false,
+            manifest_checksums: ManifestChecksums::Sha256,
+            wait_for_wal_archive: true,
+            tablespace_map: false,
+            progress: true,
+            verify_checksums: false,
+            max_rate_kb: None,
+            include_wal: true,
+            start_timeout: DEFAULT_START_TIMEOUT,
+        };
+        assert_eq!(
+            options.command_for(ReplyFormat::Pg13).unwrap(),
+            "BASE_BACKUP LABEL 'x' PROGRESS WAL NOVERIFY_CHECKSUMS"
+        );
+        let options = BaseBackupOptions {
+            manifest_checksums: ManifestChecksums::Sha512,
+            ..BaseBackupOptions::default()
+        };
+        assert!(
+            options
+                .command_for(ReplyFormat::Pg13)
+                .unwrap()
+                .ends_with(" MANIFEST 'yes' MANIFEST_CHECKSUMS 'SHA512'")
+        );
+        // The same checks as for 15.
+        let options = BaseBackupOptions {
+            max_rate_kb: Some(2_000_000),
+            ..BaseBackupOptions::default()
+        };
+        assert!(
+            options
+                .command_for(ReplyFormat::Pg13)
+                .unwrap_err()
+                .contains("MAX_RATE")
+        );
+        let options = BaseBackupOptions {
+            label: "a\0b".into(),
+            ..BaseBackupOptions::default()
+        };
+        assert!(
+            options
+                .command_for(ReplyFormat::Pg13)
+                .unwrap_err()
+                .contains("NUL")
+        );
+    }
+
+    #[test]
+    fn formats_by_server_version() {
+        assert_eq!(ReplyFormat::for_server(120_017), None);
+        assert_eq!(ReplyFormat::for_server(130_000), Some(ReplyFormat::Pg13));
+        assert_eq!(ReplyFormat::for_server(140_023), Some(ReplyFormat::Pg13));
+        assert_eq!(ReplyFormat::for_server(150_000), Some(ReplyFormat::Pg15));
+        assert_eq!(ReplyFormat::for_server(180_006), Some(ReplyFormat::Pg15));
+        assert_eq!(
+            BaseBackupDecoder::new_for(130_023).format(),
+            ReplyFormat::Pg13
+        );
+        assert_eq!(
+            BaseBackupDecoder::new_for(140_000).format(),
+            ReplyFormat::Pg13
+        );
+        assert_eq!(
+            BaseBackupDecoder::new_for(160_000).format(),
+            ReplyFormat::Pg15
+        );
+        assert_eq!(BaseBackupDecoder::new().format(), ReplyFormat::Pg15);
+    }
+
+    /// The message sequence of a PostgreSQL 13/14 base backup of one tablespace plus the main
+    /// directory with a manifest, as 13/14's `basebackup.c` sends it: the same backup as
+    /// [`pg15_reply`].
+    pub(crate) fn pg13_reply() -> Vec<BackendMessage> {
+        use BackendMessage as M;
+        let copy_out = || M::CopyOutResponse(CopyResponse::default());
+        let data = |d: &'static [u8]| M::CopyData(Bytes::from_static(d));
+        vec![
+            M::RowDescription(vec![column("recptr"), column("tli")]),
+            row(&[Some("0/2000028"), Some("1")]),
+            M::CommandComplete("SELECT".into()),
+            M::RowDescription(vec![
+                column("spcoid"),
+                column("spclocation"),
+                column("size"),
+            ]),
+            row(&[Some("16384"), Some("/srv/ts1"), None]),
+            row(&[None, None, None]),
+            M::CommandComplete("SELECT".into()),
+            copy_out(),
+            data(b"ts data"),
+            M::CopyDone,
+            copy_out(),
+            data(b"base "),
+            data(b"data"),
+            M::CopyDone,
+            M::NoticeResponse(ErrorFields(vec![(
+                b'M',
+                "all required WAL segments".into(),
+            )])),
+            copy_out(),
+            data(b"{}"),
+            M::CopyDone,
+            M::RowDescription(vec![column("recptr"), column("tli")]),
+            row(&[Some("0/2000100"), Some("1")]),
+            M::CommandComplete("SELECT".into()),
+            M::CommandComplete("SELECT".into()),
+            M::ReadyForQuery(TransactionStatus::Idle),
+        ]
+    }
+
+    fn decode(mut d: BaseBackupDecoder, reply: Vec<BackendMessage>) -> Vec<BackupEvent> {
+        let mut events = Vec::new();
+        for m in reply {
+            if let Some(e) = d.feed(m).unwrap() {
+                events.push(e);
+            }
+        }
+        assert_eq!(d.phase(), Phase::Done);
+        events
+    }
+
+    fn tar_end() -> BackupEvent {
+        BackupEvent::Data(Bytes::from(vec![0; 1024]))
+    }
+
+    #[test]
+    fn pg13_sequence_gives_the_events_of_pg15() {
+        let legacy = decode(BaseBackupDecoder::new_for(140_023), pg13_reply());
+        let started = BackupEvent::Started {
+            start_lsn: Lsn(0x200_0028),
+            timeline: TimelineId(1),
+            tablespaces: vec![
+                TablespaceInfo {
+                    oid: Some(16384),
+                    location: Some("/srv/ts1".into()),
+                    size_kib: None,
+                },
+                TablespaceInfo {
+                    oid: None,
+                    location: None,
+                    size_kib: None,
+                },
+            ],
+        };
+        assert_eq!(
+            legacy,
+            vec![
+                started,
+                BackupEvent::Archive {
+                    name: "16384.tar".into(),
+                    location: Some("/srv/ts1".into())
+                },
+                BackupEvent::Data(Bytes::from_static(b"ts data")),
+                tar_end(),
+                BackupEvent::Archive {
+                    name: "base.tar".into(),
+                    location: None
+                },
+                BackupEvent::Data(Bytes::from_static(b"base ")),
+                BackupEvent::Data(Bytes::from_static(b"data")),
+                tar_end(),
+                BackupEvent::Manifest,
+                BackupEvent::Data(Bytes::from_static(b"{}")),
+                BackupEvent::Finished {
+                    end_lsn: Lsn(0x200_0100),
+                    timeline: TimelineId(1)
+                },
+            ]
+        );
+
+        // The 15 decoder's events for the same backup, less its progress reports, carry the
+        // same archives, bytes and manifest (there the server itself ends each tar stream).
+        let modern: Vec<BackupEvent> = decode(BaseBackupDecoder::new(), pg15_reply())
+            .into_iter()
+            .filter(|e| !matches!(e, BackupEvent::Progress(_)))
+            .collect();
+        let shape = |events: &[BackupEvent]| -> Vec<(String, Vec<u8>)> {
+            let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+            for e in events {
+                match e {
+                    BackupEvent::Archive { name, .. } => parts.push((name.clone(), Vec::new())),
+                    BackupEvent::Manifest => parts.push(("manifest".into(), Vec::new())),
+                    BackupEvent::Data(d) => parts.last_mut().unwrap().1.extend_from_slice(d),
+                    _ => {}
+                }
+            }
+            parts
+        };
+        let mut expected = shape(&modern);
+        for part in &mut expected[..2] {
+            part.1.extend_from_slice(&[0; 1024]);
+        }
+        assert_eq!(shape(&legacy), expected);
+        assert_eq!(legacy.first(), modern.first());
+        assert_eq!(legacy.last(), modern.last());
+    }
+
+    #[test]
+    fn pg13_without_manifest_or_tablespaces() {
+        use BackendMessage as M;
+        let mut reply = pg13_reply();
+        // No manifest: the end position follows the last archive directly.
+        reply.drain(14..18);
+        // Only the main directory: no tablespace row, no tablespace stream.
+        reply.remove(4);
+        reply.drain(6..9);
+        assert!(matches!(reply[6], M::CopyOutResponse(_)), "{reply:?}");
+        let events = decode(BaseBackupDecoder::with_format(ReplyFormat::Pg13), reply);
+        assert_eq!(events.len(), 6, "{events:?}");
+        assert_eq!(
+            events[1],
+            BackupEvent::Archive {
+                name: "base.tar".into(),
+                location: None
+            }
+        );
+        assert_eq!(events[4], tar_end());
+        assert!(matches!(events[5], BackupEvent::Finished { .. }));
+        assert!(!events.contains(&BackupEvent::Manifest));
+    }
+
+    #[test]
+    fn pg13_server_error_mid_stream() {
+        let error = BackendMessage::ErrorResponse(ErrorFields(vec![
+            (b'V', "ERROR".into()),
+            (b'C', "58P01".into()),
+            (
+                b'M',
+                "could not stat file \"base/1/1234\": No such file or directory".into(),
+            ),
+        ]));
+        // In the tablespace's stream, between two archives, in the manifest.
+        for at in [9, 10, 12, 16] {
+            let mut d = BaseBackupDecoder::with_format(ReplyFormat::Pg13);
+            let mut reply = pg13_reply();
+            reply.truncate(at);
+            for m in reply {
+                d.feed(m).unwrap();
+            }
+            assert_eq!(d.phase(), Phase::Streaming);
+            let err = d.feed(error.clone()).unwrap_err();
+            assert!(
+                matches!(err, BackupProtocolError::Server(ref e) if e.code == "58P01"),
+                "{err}"
+            );
+            assert_eq!(d.phase(), Phase::Done);
+            assert_eq!(
+                d.feed(BackendMessage::ReadyForQuery(TransactionStatus::Idle)),
+                Err(BackupProtocolError::AfterEnd)
+            );
+        }
+    }
+
+    #[test]
+    fn pg13_disorder_is_reported() {
+        use BackendMessage as M;
+        let reply = pg13_reply();
+        let after = |n: usize| {
+            let mut d = BaseBackupDecoder::with_format(ReplyFormat::Pg13);
+            for m in reply[..n].iter().cloned() {
+                d.feed(m).unwrap();
+            }
+            d
+        };
+        // Data before the first stream began.
+        let err = after(7).feed(M::CopyData(Bytes::new())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unexpected CopyData from the server while receiving the backup data (expected \
+             CopyOutResponse)"
+        );
+        // The end position while an archive is still due.
+        let err = after(10)
+            .feed(M::RowDescription(vec![column("recptr"), column("tli")]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("(expected CopyOutResponse)"),
+            "{err}"
+        );
+        // Data between the last archive and the manifest.
+        let err = after(14).feed(M::CopyData(Bytes::new())).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(expected CopyOutResponse or RowDescription)"),
+            "{err}"
+        );
+        // A 15+ typed stream fed to the 13/14 decoder passes as data but cannot end well.
+        let mut d = BaseBackupDecoder::with_format(ReplyFormat::Pg13);
+        let err = pg15_reply()
+            .into_iter()
+            .find_map(|m| d.feed(m).err())
+            .expect("a 15+ reply is not a 13/14 one");
+        assert!(err.to_string().contains("unexpected"), "{err}");
+        // And a 13/14 reply fed to the 15+ decoder fails at its first bare CopyData.
+        let mut d = BaseBackupDecoder::new();
+        let err = pg13_reply()
+            .into_iter()
+            .find_map(|m| d.feed(m).err())
+            .expect("a 13/14 reply is not a 15+ one");
+        assert!(
+            matches!(err, BackupProtocolError::CopyMessage { index: 0, .. }),
+            "{err}"
+        );
     }
 
     fn any_copy_message() -> impl Strategy<Value = CopyMessage> {
@@ -1297,22 +1801,59 @@ pub(crate) mod tests {
 
         #[test]
         fn any_prefix_or_corruption_of_a_reply_never_panics(
-            cut in 0usize..23, drop_at in 0usize..23, flip in any::<u8>(),
+            legacy in any::<bool>(), cut in 0usize..24, drop_at in 0usize..24, flip in any::<u8>(),
         ) {
-            let mut reply = pg15_reply();
+            let (mut reply, format) = if legacy {
+                (pg13_reply(), ReplyFormat::Pg13)
+            } else {
+                (pg15_reply(), ReplyFormat::Pg15)
+            };
+            let whole = reply.len();
             reply.truncate(cut.max(1));
+            let mut changed = false;
             if drop_at < reply.len() {
+                changed = true;
                 if flip % 2 == 0 {
                     reply.remove(drop_at);
                 } else {
                     reply.insert(drop_at, BackendMessage::CopyDone);
                 }
             }
-            let mut d = BaseBackupDecoder::new();
+            let mut d = BaseBackupDecoder::with_format(format);
+            let mut failed = false;
             for m in reply {
                 if d.feed(m).is_err() {
                     prop_assert_eq!(d.phase(), Phase::Done);
+                    failed = true;
                     break;
+                }
+            }
+            // An untouched prefix never fails, and only the whole reply finishes.
+            if !changed {
+                prop_assert!(!failed);
+                prop_assert_eq!(d.phase() == Phase::Done, cut >= whole);
+            }
+        }
+
+        /// Any sequence of plausible messages, for either format: events or an error that
+        /// ends the decoder, never a panic, and nothing but `AfterEnd` once it is done.
+        #[test]
+        fn any_message_sequence_gives_an_error_never_a_panic(
+            legacy in any::<bool>(),
+            picks in proptest::collection::vec(0usize..60, 0..40),
+        ) {
+            let pool: Vec<BackendMessage> = pg13_reply().into_iter().chain(pg15_reply()).collect();
+            let format = if legacy { ReplyFormat::Pg13 } else { ReplyFormat::Pg15 };
+            let mut d = BaseBackupDecoder::with_format(format);
+            let mut done = false;
+            for pick in picks {
+                let m = pool[pick % pool.len()].clone();
+                let result = d.feed(m);
+                if done {
+                    prop_assert_eq!(result, Err(BackupProtocolError::AfterEnd));
+                } else if result.is_err() || d.phase() == Phase::Done {
+                    prop_assert_eq!(d.phase(), Phase::Done);
+                    done = true;
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! The property the `replication_message` fuzz target in `fuzz/` checks, here so that the target
 //! and the corpus replay tests (`corpus.rs`) run the very same code. Not part of the stable API.
 
-use super::basebackup::{BackupEvent, BaseBackupDecoder, Phase, parse_copy_message};
+use super::basebackup::{
+    BackupEvent, BackupProtocolError, BaseBackupDecoder, Phase, ReplyFormat, parse_copy_message,
+};
 use super::message::{BackendMessage, BytesMut, HEADER_LEN, parse_backend, take_backend};
 
 /// The property of `fuzz/fuzz_targets/replication_message.rs`: [`message_stream_property`],
@@ -61,21 +63,35 @@ pub fn message_stream_property(data: &[u8]) -> Vec<BackendMessage> {
 
 /// The base backup half of the property: every CopyData payload parses as a base backup message
 /// or fails cleanly (and re-encodes exactly when it parses), and the whole sequence fed to the
-/// BASE_BACKUP decoder never panics and ends it on the first error.
+/// BASE_BACKUP decoder of either reply format (PostgreSQL 15+, and 13/14) never panics and ends
+/// it on the first error. Returns the 15+ decoder's events.
 pub fn base_backup_property(messages: &[BackendMessage]) -> Vec<BackupEvent> {
-    let mut decoder = BaseBackupDecoder::new();
-    let mut events = Vec::new();
     for m in messages {
         if let BackendMessage::CopyData(data) = m
             && let Ok(parsed) = parse_copy_message(data.clone())
         {
             assert_eq!(parsed.encode(), *data);
         }
+    }
+    base_backup_property_for(ReplyFormat::Pg13, messages);
+    base_backup_property_for(ReplyFormat::Pg15, messages)
+}
+
+/// The messages fed to a decoder of `format`: events until the first error, which leaves the
+/// decoder done (and refusing anything more); never a panic.
+pub fn base_backup_property_for(
+    format: ReplyFormat,
+    messages: &[BackendMessage],
+) -> Vec<BackupEvent> {
+    let mut decoder = BaseBackupDecoder::with_format(format);
+    let mut events = Vec::new();
+    for m in messages {
         match decoder.feed(m.clone()) {
             Ok(Some(event)) => events.push(event),
             Ok(None) => {}
             Err(_) => {
                 assert_eq!(decoder.phase(), Phase::Done);
+                assert_eq!(decoder.feed(m.clone()), Err(BackupProtocolError::AfterEnd));
                 break;
             }
         }

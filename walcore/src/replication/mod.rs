@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! connection string ──conninfo──▶ ConnConfig ──conn──▶ ReplicationConnection ──basebackup──▶ BackupEvent…
-//!   + PG* variables, .pgpass         (socket, startup, auth,      (BASE_BACKUP, 15+)
+//!   + PG* variables, .pgpass         (socket, startup, auth,      (BASE_BACKUP, 13+)
 //!                                     simple query, timeouts)
 //!                         bytes ◀──────── message (sans-IO parser and builders) ────────▶ bytes
 //! ```
@@ -12,12 +12,14 @@
 //!   [`pgpass`]: the password file.
 //! - [`message`]: the protocol's messages, parsed sans-IO (bytes in; a message, "need more", or
 //!   an error that says where) and built.
-//! - [`conn`]: the async connection: Unix socket or TCP, trust / password / MD5 / SCRAM-SHA-256,
-//!   `simple_query`, `IDENTIFY_SYSTEM`, a time limit on every wait.
-//! - [`basebackup`]: `BASE_BACKUP` on PostgreSQL 15+, as a sans-IO decoder and an event stream.
+//! - [`conn`]: the async connection: Unix socket, TCP, or TLS over TCP (rustls, `sslmode` and
+//!   certificate checks as in libpq), trust / password / MD5 / SCRAM-SHA-256, client
+//!   certificates, `simple_query`, `IDENTIFY_SYSTEM`, a time limit on every wait.
+//! - [`basebackup`]: `BASE_BACKUP` on PostgreSQL 13+ (the 13/14 reply and the 15+ one give the
+//!   same events), as a sans-IO decoder and an event stream.
 //!
-//! What it does not do yet: TLS (`sslmode=require` and stricter are refused with a clear error),
-//! GSSAPI/SSPI, SCRAM channel binding, base backups from PostgreSQL 13/14 (refused with a clear
+//! What it does not do yet: GSSAPI/SSPI, SCRAM channel binding (also over TLS), encrypted client
+//! keys (`sslpassword`), base backups from servers before PostgreSQL 13 (refused with a clear
 //! error), `START_REPLICATION` (the parser already reads its `CopyBothResponse`).
 
 pub mod basebackup;
@@ -33,7 +35,7 @@ mod corpus;
 
 pub use basebackup::{
     BackupEvent, BackupProtocolError, BaseBackupDecoder, BaseBackupOptions, BaseBackupStream,
-    Checkpoint, ManifestChecksums, TablespaceInfo,
+    Checkpoint, ManifestChecksums, ReplyFormat, TablespaceInfo,
 };
 pub use conn::{ConnectOptions, ReplicationConnection, Row, SystemInfo};
 pub use conninfo::{ConnConfig, ConnInfoError, ConnParams, Host, SslMode, Target};
