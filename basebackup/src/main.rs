@@ -1,11 +1,373 @@
-//! `walcore-basebackup`: base backups over the replication protocol. Not built yet: until it
-//! is, it says so and fails, rather than pretending.
+//! `walcore-basebackup`: base backups over the replication protocol into the walcore repository,
+//! the backup catalog, and restores to a point in time. Glue only: the work is in
+//! `walcore::backup`.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use walcore::backup::{
+    self, BackupRecord, RestoreOptions, TakeOptions, Target, TargetAction, catalog, progress::human,
+};
+use walcore::config::{Layer, parse_duration};
+use walcore::exit::{self, Hook};
+use walcore::replication::Checkpoint;
+use walcore::{Error, ErrorKind};
+
+/// Base backups into the walcore repository, and point-in-time restores from them.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Repository URL (overrides WALCORE_REPO).
+    #[arg(long, global = true)]
+    repo: Option<String>,
+    /// Compression of stored objects, e.g. zstd:3, zstd:1, none (overrides WALCORE_COMPRESSION).
+    #[arg(long, global = true)]
+    compression: Option<String>,
+    /// Log as JSON lines on stderr; `list` and `show` print JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Take a base backup over the replication protocol; prints the new backup's ID.
+    Take {
+        /// Connection string or URL (libpq style); PGHOST, PGPORT, PGUSER, PGPASSWORD,
+        /// PGPASSFILE and ~/.pgpass fill in the rest.
+        #[arg(short = 'd', long, default_value = "")]
+        dbname: String,
+        /// Backup label.
+        #[arg(short, long)]
+        label: Option<String>,
+        /// fast: checkpoint at once (I/O burst); spread: paced like a regular checkpoint.
+        #[arg(short, long, default_value = "fast", value_parser = parse_checkpoint)]
+        checkpoint: Checkpoint,
+        /// Store the WAL the backup needs inside it (a self-contained backup) instead of
+        /// waiting for archive_command to archive it.
+        #[arg(long)]
+        include_wal: bool,
+        /// How long to wait for the backup's WAL to be archived.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wal_timeout: Duration,
+        /// Limit the server's transfer rate, in kB/s (32 to 1048576).
+        #[arg(long)]
+        max_rate: Option<u32>,
+        /// Do not verify data page checksums on the server while reading.
+        #[arg(long)]
+        no_verify_checksums: bool,
+        /// Draw no progress line, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// List the complete backups, oldest first.
+    List,
+    /// Show one backup's catalog record.
+    Show {
+        /// The backup ID (see list).
+        id: String,
+    },
+    /// Restore a backup into an empty directory, with the settings that recover it to a
+    /// target when PostgreSQL starts.
+    Restore {
+        /// The new data directory (absent or empty).
+        #[arg(short = 'D', long)]
+        pgdata: PathBuf,
+        /// Recover up to this time (with a zone: '2026-11-30 04:30:12+00').
+        #[arg(long, group = "target")]
+        target_time: Option<String>,
+        /// Recover up to this LSN.
+        #[arg(long, group = "target")]
+        target_lsn: Option<String>,
+        /// Recover up to this transaction.
+        #[arg(long, group = "target")]
+        target_xid: Option<String>,
+        /// Recover up to this restore point (pg_create_restore_point).
+        #[arg(long, group = "target")]
+        target_name: Option<String>,
+        /// Stop as soon as the backup is consistent.
+        #[arg(long, group = "target")]
+        target_immediate: bool,
+        /// What to do at the target.
+        #[arg(long, default_value = "promote")]
+        target_action: TargetAction,
+        /// Restore this backup rather than the newest one that reaches the target.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Put the tablespace at OLD (its location in the backup) at NEW; repeatable.
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
+        tablespace_map: Vec<(String, PathBuf)>,
+        /// The walcore-restore program the restore_command runs (default: the one beside
+        /// this program).
+        #[arg(long)]
+        restore_program: Option<PathBuf>,
+        /// Write this restore_command verbatim instead.
+        #[arg(long, conflicts_with = "restore_program")]
+        restore_command: Option<String>,
+    },
+}
+
+fn parse_checkpoint(s: &str) -> Result<Checkpoint, String> {
+    match s {
+        "fast" => Ok(Checkpoint::Fast),
+        "spread" => Ok(Checkpoint::Spread),
+        _ => Err(format!("'{s}' is not fast or spread")),
+    }
+}
+
+fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
+    let (old, new) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not OLD=NEW"))?;
+    if !old.starts_with('/') || !new.starts_with('/') {
+        return Err(format!("'{s}': both locations must be absolute"));
+    }
+    Ok((old.to_owned(), PathBuf::from(new)))
+}
 
 fn main() -> ExitCode {
-    eprintln!(
-        "walcore-basebackup: base backups are not implemented yet; take one with pg_basebackup (see README.md)"
+    exit::install_panic_exit(Hook::Backup);
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(exit::usage(Hook::Backup))
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let mut flags = Layer::default();
+    flags.set_flag("repo", "--repo", args.repo);
+    flags.set_flag("compression", "--compression", args.compression);
+    let json = args.json;
+    let code = match args.command {
+        Command::Take {
+            dbname,
+            label,
+            checkpoint,
+            include_wal,
+            wal_timeout,
+            max_rate,
+            no_verify_checksums,
+            no_progress,
+        } => {
+            let options = TakeOptions {
+                conninfo: dbname,
+                label,
+                checkpoint,
+                include_wal,
+                wal_timeout,
+                max_rate_kb: max_rate,
+                verify_checksums: !no_verify_checksums,
+                progress_bar: !no_progress && !json && std::io::stderr().is_terminal(),
+            };
+            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+                let record = backup::take::take(&repo, &options).await?;
+                if json {
+                    print_json(&record)?;
+                } else {
+                    println!("{}", record.id);
+                }
+                Ok(())
+            })
+        }
+        Command::List => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+            let records = catalog::list(&repo).await?;
+            if json {
+                print_json(&records)
+            } else {
+                print_table(&records);
+                Ok(())
+            }
+        }),
+        Command::Show { id } => {
+            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+                let record = catalog::load(&repo, &id).await?;
+                if json {
+                    print_json(&record)
+                } else {
+                    print_record(&record);
+                    Ok(())
+                }
+            })
+        }
+        Command::Restore {
+            pgdata,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target_immediate,
+            target_action,
+            backup,
+            tablespace_map,
+            restore_program,
+            restore_command,
+        } => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+            let target = if let Some(t) = target_time {
+                Target::parse_time(&t)?
+            } else if let Some(l) = target_lsn {
+                Target::parse_lsn(&l)?
+            } else if let Some(x) = target_xid {
+                Target::parse_xid(&x)?
+            } else if let Some(n) = target_name {
+                Target::Name(n)
+            } else if target_immediate {
+                Target::Immediate
+            } else {
+                Target::End
+            };
+            let restore_command = match restore_command {
+                Some(c) => c,
+                None => {
+                    let program = match restore_program {
+                        Some(p) => p,
+                        None => default_restore_program()?,
+                    };
+                    let (command, note) = backup::restore_command_for(&config, &program);
+                    if let Some(note) = note {
+                        tracing::warn!("{note}");
+                    }
+                    command
+                }
+            };
+            let pgdata = std::path::absolute(&pgdata).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("--pgdata {}: {e}", pgdata.display()),
+                )
+            })?;
+            let options = RestoreOptions {
+                pgdata,
+                backup,
+                target,
+                action: target_action,
+                tablespace_map,
+                restore_command,
+            };
+            let report = backup::restore::restore(&repo, &options).await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "backup": report.backup.id,
+                    "reason": report.reason,
+                    "files": report.files,
+                    "bytes": report.bytes,
+                    "pgdata": options.pgdata,
+                }))?;
+            } else {
+                println!(
+                    "restored backup {} ({}) into {}",
+                    report.backup.id,
+                    report.reason,
+                    options.pgdata.display()
+                );
+                println!(
+                    "start it with: pg_ctl -D {} start",
+                    options.pgdata.display()
+                );
+            }
+            Ok(())
+        }),
+    };
+    ExitCode::from(code)
+}
+
+/// `walcore-restore` beside this program.
+fn default_restore_program() -> Result<PathBuf, Error> {
+    let me = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!("cannot find this program's path ({e}); give --restore-program"),
+        )
+    })?;
+    let candidate = me.with_file_name("walcore-restore");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(Error::new(
+            ErrorKind::Configuration,
+            format!(
+                "no walcore-restore beside {}; give --restore-program PATH",
+                me.display()
+            ),
+        ))
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn print_table(records: &[BackupRecord]) {
+    if records.is_empty() {
+        println!("no complete backups");
+        return;
+    }
+    println!(
+        "{:<22} {:<24} {:<14} {:<14} {:>3} {:>10} {:>10}  LABEL",
+        "ID", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED"
     );
-    ExitCode::from(2)
+    for r in records {
+        println!(
+            "{:<22} {:<24} {:<14} {:<14} {:>3} {:>10} {:>10}  {}",
+            r.id,
+            r.stop_time,
+            r.start_lsn.to_string(),
+            r.stop_lsn.to_string(),
+            r.stop_timeline,
+            human(r.data_bytes()),
+            human(r.stored_bytes()),
+            r.label
+        );
+    }
+}
+
+fn print_record(r: &BackupRecord) {
+    println!("backup            {}", r.id);
+    println!("label             {}", r.label);
+    println!("system identifier {}", r.system_identifier);
+    println!("PostgreSQL        {}", r.pg_version_num);
+    println!(
+        "started           {} at LSN {} (timeline {})",
+        r.start_time, r.start_lsn, r.start_timeline
+    );
+    println!(
+        "finished          {} at LSN {} (timeline {})",
+        r.stop_time, r.stop_lsn, r.stop_timeline
+    );
+    println!("checkpoint        {}", r.checkpoint);
+    println!(
+        "WAL               {}",
+        if r.wal_included {
+            "inside the backup"
+        } else {
+            "in the repository's archive"
+        }
+    );
+    println!(
+        "size              {} ({} stored)",
+        human(r.data_bytes()),
+        human(r.stored_bytes())
+    );
+    for t in &r.tablespaces {
+        println!(
+            "tablespace        {} at {} ({})",
+            t.oid, t.location, t.archive
+        );
+    }
+    for o in &r.objects {
+        println!(
+            "object            {} {} bytes, CRC-32 {:08x}, {} stored",
+            o.key, o.plaintext_len, o.plaintext_crc32, o.stored_len
+        );
+    }
 }

@@ -135,6 +135,22 @@ pub struct Config {
     pub prefetch: u64,
     /// Spool directory; `None`: `pgsql_tmp_walcore` in the data directory.
     pub spool: Option<std::path::PathBuf>,
+    /// Where the encryption key came from (to hand the same source to another process).
+    pub key_source: KeySource,
+    /// The `WALCORE_CONFIG` file, if one was read.
+    pub config_file: Option<String>,
+}
+
+/// Where the encryption key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    None,
+    /// The key itself, from a flag, `WALCORE_ENCRYPTION_KEY` or the configuration file.
+    Inline,
+    /// `encryption_key_file`: the path.
+    File(String),
+    /// `encryption_key_command`: the command.
+    Command(String),
 }
 
 /// Default byte bound of the restore spool.
@@ -178,7 +194,8 @@ impl Config {
     /// [`Config::load`] with another environment (for tests and embedding programs).
     pub fn load_with(flags: Layer, env: impl Fn(&str) -> Option<String>) -> Result<Config, Error> {
         let mut layers = vec![flags, Layer::from_env(&env)];
-        if let Some(path) = env("WALCORE_CONFIG").filter(|p| !p.is_empty()) {
+        let config_file = env("WALCORE_CONFIG").filter(|p| !p.is_empty());
+        if let Some(path) = config_file.clone() {
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 Error::new(
                     ErrorKind::Configuration,
@@ -241,6 +258,19 @@ impl Config {
             }
         })?;
         let key = load_key(&r)?;
+        let key_source = if r.get("encryption_key_file").is_some() {
+            KeySource::File(
+                r.get("encryption_key_file")
+                    .map_or("", |(v, _)| v)
+                    .to_owned(),
+            )
+        } else if let Some((v, _)) = r.get("encryption_key_command") {
+            KeySource::Command(v.to_owned())
+        } else if key.is_some() {
+            KeySource::Inline
+        } else {
+            KeySource::None
+        };
         Ok(Config {
             repo,
             compression,
@@ -253,6 +283,8 @@ impl Config {
             lookahead,
             prefetch,
             spool,
+            key_source,
+            config_file,
         })
     }
 

@@ -13,12 +13,14 @@ use crate::error::ErrorKind;
 pub enum Hook {
     Archive,
     Restore,
+    /// `walcore-basebackup`: an ordinary command, with the archive hook's codes.
+    Backup,
 }
 
 /// Usage errors (bad arguments), per hook.
 pub fn usage(hook: Hook) -> u8 {
     match hook {
-        Hook::Archive => 2,
+        Hook::Archive | Hook::Backup => 2,
         Hook::Restore => 200,
     }
 }
@@ -26,7 +28,7 @@ pub fn usage(hook: Hook) -> u8 {
 /// A panic (a bug): must never look like "absent" to PostgreSQL.
 pub fn panic(hook: Hook) -> u8 {
     match hook {
-        Hook::Archive => 10,
+        Hook::Archive | Hook::Backup => 10,
         Hook::Restore => 208,
     }
 }
@@ -35,7 +37,7 @@ pub fn panic(hook: Hook) -> u8 {
 pub fn code(hook: Hook, kind: ErrorKind) -> u8 {
     use ErrorKind as K;
     match hook {
-        Hook::Archive => match kind {
+        Hook::Archive | Hook::Backup => match kind {
             K::Configuration => 2,
             K::InvalidInput => 3,
             K::Conflict => 4,

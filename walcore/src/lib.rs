@@ -19,10 +19,12 @@
 //! - [`store`]: where objects live (`file://`, `s3://`, `gs://`, `az://`) and their keys.
 //! - [`repo`]: a repository: a store, a codec and the cluster's metadata.
 //! - [`config`]: one configuration for every binary (flags, `WALCORE_*`, TOML).
-//! - [`replication`]: a client of PostgreSQL's replication protocol (base backups, next).
+//! - [`replication`]: a client of PostgreSQL's replication protocol.
+//! - [`backup`]: base backups over that protocol, the backup catalog, and restores to a target.
 //! - [`ops`]: one operation per binary (with look-ahead archiving and restore prefetch);
 //!   [`exit`] maps their errors to exit codes; [`progress`] ends calls that stall.
 
+pub mod backup;
 pub mod codec;
 pub mod config;
 pub mod error;

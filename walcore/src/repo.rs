@@ -206,7 +206,12 @@ impl Repository {
         if let Some(meta) = self.read_meta().await? {
             return Ok(meta);
         }
-        let meta = RepoMeta::from_header(header)?;
+        self.init_meta(RepoMeta::from_header(header)?).await
+    }
+
+    /// Stores `meta` create-only as this repository's metadata and returns what is then
+    /// recorded: `meta`, or the metadata a concurrent first writer stored (compare it).
+    pub async fn init_meta(&self, meta: RepoMeta) -> Result<RepoMeta, Error> {
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
         match self.put_small(META_KEY, json).await? {
@@ -217,7 +222,7 @@ impl Repository {
                     repo = %self.store.describe(),
                     "initialised the repository for this cluster"
                 );
-                Ok(meta)
+                Ok(self.meta.get_or_init(|| meta).clone())
             }
             PutOutcome::AlreadyExists => self.read_meta().await?.ok_or_else(|| {
                 Error::new(

@@ -44,6 +44,11 @@ where
                 let repo = Repository::open(&config)?;
                 let store = repo.store().describe();
                 let timeout = config.progress_timeout;
+                if hook == Hook::Backup {
+                    // A base backup waits on the server's checkpoint and on archiving, with
+                    // time limits of its own; the store's requests keep theirs.
+                    return op(repo, config).await;
+                }
                 tokio::select! {
                     r = op(repo, config) => r,
                     e = crate::progress::watchdog(timeout, store) => Err(e),

@@ -1,0 +1,337 @@
+//! The backup catalog (FORMAT.md §6): one record per complete base backup, written last.
+
+use std::time::SystemTime;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind};
+use crate::pg::Lsn;
+use crate::repo::Repository;
+
+/// Where catalog records live.
+pub const CATALOG_PREFIX: &str = "catalog/";
+
+/// The key of a backup's catalog record.
+pub fn catalog_key(id: &str) -> String {
+    format!("{CATALOG_PREFIX}{id}")
+}
+
+/// The key of one archive (`base.tar`, `OID.tar`) of a backup.
+pub fn archive_key(id: &str, archive: &str) -> String {
+    format!("backup/{id}/data/{archive}")
+}
+
+/// The key of a backup's manifest.
+pub fn manifest_key(id: &str) -> String {
+    format!("backup/{id}/backup_manifest")
+}
+
+/// A new backup ID for a backup started at `at`: `YYYYMMDDTHHMMSSZ-XXXX`.
+pub fn new_id(at: SystemTime) -> String {
+    let mut r = [0u8; 2];
+    // Uniqueness within one second is all the random part is for; a failed read still
+    // leaves a valid (if less unique) ID, and the create-only catalog write catches a clash.
+    let _ = getrandom::fill(&mut r);
+    let t: DateTime<Utc> = at.into();
+    format!("{}-{}", t.format("%Y%m%dT%H%M%SZ"), hex::encode(r))
+}
+
+/// Whether `text` has the shape of a backup ID (so that `show ../x` is refused before any key
+/// is built from it).
+pub fn is_valid_id(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 21
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && b[17..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+/// A time as the catalog writes it: RFC 3339, UTC, milliseconds.
+pub fn format_time(t: SystemTime) -> String {
+    let t: DateTime<Utc> = t.into();
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// One tablespace of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablespaceEntry {
+    pub oid: u32,
+    /// Its directory on the server the backup was taken from.
+    pub location: String,
+    /// Its archive's name (`OID.tar`).
+    pub archive: String,
+}
+
+/// What an object of a backup holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectKind {
+    Archive,
+    Manifest,
+}
+
+/// One stored object of a backup, as its trailer describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectEntry {
+    pub key: String,
+    pub kind: ObjectKind,
+    /// `base.tar`, `OID.tar` or `backup_manifest`.
+    pub name: String,
+    pub plaintext_len: u64,
+    pub plaintext_crc32: u32,
+    pub stored_len: u64,
+}
+
+/// The catalog record of one complete base backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub format_version: u32,
+    pub id: String,
+    pub label: String,
+    /// Decimal, as in the repository metadata.
+    pub system_identifier: String,
+    pub pg_version_num: u32,
+    pub wal_segment_size: u32,
+    pub start_lsn: Lsn,
+    pub start_timeline: u32,
+    pub stop_lsn: Lsn,
+    pub stop_timeline: u32,
+    pub start_time: String,
+    pub stop_time: String,
+    pub checkpoint: String,
+    pub wal_included: bool,
+    pub tablespaces: Vec<TablespaceEntry>,
+    pub objects: Vec<ObjectEntry>,
+    pub created_by: String,
+}
+
+impl BackupRecord {
+    /// Plaintext bytes of the backup's archives (the data directory's size, as tar).
+    pub fn data_bytes(&self) -> u64 {
+        self.objects
+            .iter()
+            .filter(|o| o.kind == ObjectKind::Archive)
+            .map(|o| o.plaintext_len)
+            .sum()
+    }
+
+    /// Bytes the backup takes in the repository.
+    pub fn stored_bytes(&self) -> u64 {
+        self.objects.iter().map(|o| o.stored_len).sum()
+    }
+
+    /// `stop_time`, parsed.
+    pub fn stop(&self) -> Result<DateTime<Utc>, Error> {
+        parse_record_time(&self.id, "stop_time", &self.stop_time)
+    }
+
+    /// `start_time`, parsed.
+    pub fn start(&self) -> Result<DateTime<Utc>, Error> {
+        parse_record_time(&self.id, "start_time", &self.start_time)
+    }
+
+    /// The manifest object, if the backup has one.
+    pub fn manifest(&self) -> Option<&ObjectEntry> {
+        self.objects.iter().find(|o| o.kind == ObjectKind::Manifest)
+    }
+
+    fn check(&self, key: &str) -> Result<(), Error> {
+        let bad =
+            |why: String| Error::new(ErrorKind::Integrity, format!("catalog record {key}: {why}"));
+        if self.format_version != 1 {
+            return Err(Error::new(
+                ErrorKind::Configuration,
+                format!(
+                    "catalog record {key} has format version {}; this walcore reads version 1",
+                    self.format_version
+                ),
+            ));
+        }
+        if catalog_key(&self.id) != key {
+            return Err(bad(format!("it names backup {}", self.id)));
+        }
+        if !self
+            .objects
+            .iter()
+            .any(|o| o.kind == ObjectKind::Archive && o.name == "base.tar")
+        {
+            return Err(bad("it lists no base.tar".into()));
+        }
+        for o in &self.objects {
+            if !o.key.starts_with(&format!("backup/{}/", self.id)) {
+                return Err(bad(format!(
+                    "object {} is outside the backup's prefix",
+                    o.key
+                )));
+            }
+        }
+        self.start()?;
+        self.stop()?;
+        Ok(())
+    }
+}
+
+fn parse_record_time(id: &str, field: &str, text: &str) -> Result<DateTime<Utc>, Error> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("catalog record of backup {id}: {field} '{text}': {e}"),
+            )
+        })
+}
+
+/// Reads and checks one catalog record; `NotFound` when the backup does not exist.
+pub async fn load(repo: &Repository, id: &str) -> Result<BackupRecord, Error> {
+    if !is_valid_id(id) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("'{id}' is not a backup ID (they look like 20261130T043012Z-3f9a)"),
+        ));
+    }
+    let key = catalog_key(id);
+    let bytes = repo
+        .with_retry(&format!("reading {key}"), || repo.get_small(&key))
+        .await
+        .map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no backup {id} in {} (walcore-basebackup list shows the complete ones)",
+                        repo.store().describe()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+    let record: BackupRecord = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("catalog record {key} in {}: {e}", repo.store().describe()),
+        )
+    })?;
+    record.check(&key)?;
+    Ok(record)
+}
+
+/// Every complete backup, oldest first.
+pub async fn list(repo: &Repository) -> Result<Vec<BackupRecord>, Error> {
+    let store = repo.store().describe();
+    let keys = repo
+        .with_retry("listing the catalog", || async {
+            repo.store()
+                .list(CATALOG_PREFIX)
+                .await
+                .map_err(|e| e.into_error("listing", CATALOG_PREFIX, &store))
+        })
+        .await?;
+    let mut ids: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix(CATALOG_PREFIX))
+        .filter(|id| is_valid_id(id))
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    let mut records = Vec::with_capacity(ids.len());
+    for id in ids {
+        records.push(load(repo, &id).await?);
+    }
+    Ok(records)
+}
+
+/// Writes `record` create-only: from this moment the backup exists.
+pub async fn commit(repo: &Repository, record: &BackupRecord) -> Result<(), Error> {
+    let key = catalog_key(&record.id);
+    let json = serde_json::to_vec_pretty(record)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let outcome = repo
+        .with_retry(&format!("writing {key}"), || {
+            repo.put_small(&key, json.clone())
+        })
+        .await?;
+    match outcome {
+        crate::store::PutOutcome::Created => Ok(()),
+        crate::store::PutOutcome::AlreadyExists => {
+            // A retried write whose first attempt landed reads back as our own record.
+            match load(repo, &record.id).await {
+                Ok(stored) if stored == *record => Ok(()),
+                _ => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "another catalog record {key} already exists in {}; this backup was \
+                         not recorded",
+                        repo.store().describe()
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+/// The fuzz property of catalog records: any bytes are a record that passes the checks or an
+/// error, never a panic; a record that passes survives a JSON round trip unchanged.
+pub fn fuzz_catalog_property(data: &[u8]) -> bool {
+    let Ok(record) = serde_json::from_slice::<BackupRecord>(data) else {
+        return false;
+    };
+    if record.check(&catalog_key(&record.id)).is_err() {
+        return false;
+    }
+    let _ = (
+        record.data_bytes(),
+        record.stored_bytes(),
+        record.manifest(),
+    );
+    let again: BackupRecord =
+        serde_json::from_slice(&serde_json::to_vec(&record).expect("a record serialises"))
+            .expect("a serialised record parses");
+    assert_eq!(again, record);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_corpus() {
+        for (file, data) in crate::pg::corpus::corpus_files("catalog") {
+            let valid = fuzz_catalog_property(&data);
+            assert_eq!(valid, file.starts_with("valid-"), "{file}");
+        }
+    }
+
+    #[test]
+    fn ids_sort_by_time_and_validate() {
+        let a = new_id(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000));
+        let b = new_id(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_001));
+        assert!(a < b, "{a} < {b}");
+        assert!(a.starts_with("20231114T221320Z-"), "{a}");
+        assert!(is_valid_id(&a) && is_valid_id(&b));
+        for bad in [
+            "",
+            "../catalog/x",
+            "20231114T221320Z",
+            "20231114T221320Z-ABCD",
+            "20231114T221320Z-abcg",
+            "2023111aT221320Z-abcd",
+        ] {
+            assert!(!is_valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(format_time(t), "2023-11-14T22:13:20.123Z");
+    }
+}
