@@ -6,6 +6,8 @@
 //! One test binary: the cluster template is initialised once for all tests.
 
 mod archive_matrix;
+mod backup;
+mod backup_failures;
 mod faults;
 mod pitr;
 mod replication;
