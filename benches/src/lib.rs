@@ -267,6 +267,38 @@ pub fn generate(dir: &Path) -> Result<(), WalError> {
     write_atomically(&dir.join(MANIFEST), manifest.as_bytes())
 }
 
+/// The pgbench scale of the cached base backup (about 80 MiB of tables and indexes).
+pub const BASE_TAR_SCALE: u32 = 5;
+
+/// A real `base.tar` (`pg_basebackup -Ft -X none` of a `pgbench -i -s 5` database), from the
+/// cache directory, made with a temporary cluster the first time.
+pub fn load_or_generate_base_tar() -> Result<Vec<u8>, WalError> {
+    let path = cache_dir().join(format!("base-pgbench-s{BASE_TAR_SCALE}.tar"));
+    if let Ok(bytes) = fs::read(&path) {
+        return Ok(bytes);
+    }
+    eprintln!(
+        "walcore-benches: no cached base backup at {}; making one (pgbench -i -s \
+         {BASE_TAR_SCALE}, pg_basebackup -Ft; a few seconds, once)",
+        path.display()
+    );
+    let pg = PgBin::find()?;
+    let cluster = Cluster::start(pg)?;
+    cluster.pgbench(&["-i", "-q", "-s", &BASE_TAR_SCALE.to_string()])?;
+    cluster.sql("CHECKPOINT")?;
+    let out = cluster.dir.join("basebackup");
+    let mut cmd = cluster.client("pg_basebackup");
+    cmd.args(["-Ft", "-X", "none", "-c", "fast", "-D"])
+        .arg(&out);
+    run(cmd, "pg_basebackup -Ft")?;
+    let tar = out.join("base.tar");
+    let bytes = fs::read(&tar).map_err(|e| io_err("reading", &tar, e))?;
+    drop(cluster);
+    fs::create_dir_all(cache_dir()).map_err(|e| io_err("creating", &cache_dir(), e))?;
+    write_atomically(&path, &bytes)?;
+    Ok(bytes)
+}
+
 /// The comment lines of the cache's manifest: how its WAL was made.
 pub fn cache_description(dir: &Path) -> String {
     fs::read_to_string(dir.join(MANIFEST))
