@@ -482,3 +482,61 @@ fn base_backup_over_tls() {
         "the manifest arrived"
     );
 }
+
+/// `walcore-basebackup take` over TLS: verify-full with the right CA stores a backup; a CA that
+/// did not sign the server's certificate, and a wrong password over TLS, fail clearly and add
+/// nothing to the catalog.
+#[test]
+fn take_over_tls_and_its_failures() {
+    use crate::backup::Tool;
+    use walcore_e2e::Repo;
+    use walcore_e2e::repo::{Codec, KEY_1};
+
+    let server = Server::start(true, HBA_TLS_ONLY);
+    let repo = Repo::file();
+    let tool = Tool::new(&server.cluster, repo.env(&Codec::encrypted(KEY_1)));
+    let conninfo = |extra: &str| {
+        format!(
+            "host=localhost port={} user=rep sslmode=verify-full {extra}",
+            server.port
+        )
+    };
+    let good = conninfo(&format!(
+        "password='right pw' sslrootcert={}",
+        server.certs.path("ca.crt")
+    ));
+    // The server archives nothing: the backup carries its WAL.
+    let id = tool
+        .ok(&["take", "--dbname", &good, "--include-wal"])
+        .trim()
+        .to_owned();
+    assert_eq!(tool.list(), vec![id.clone()]);
+
+    for (extra, needle, what) in [
+        (
+            format!(
+                "password='right pw' sslrootcert={}",
+                server.certs.path("other-ca.crt")
+            ),
+            "not trusted",
+            "a CA that did not sign the server's certificate",
+        ),
+        (
+            format!(
+                "password='wrong pw' sslrootcert={}",
+                server.certs.path("ca.crt")
+            ),
+            "password authentication failed",
+            "a wrong password over TLS",
+        ),
+    ] {
+        let out = tool.run(&["take", "--dbname", &conninfo(&extra), "--include-wal"]);
+        assert!(!out.status.success(), "{what}: take succeeded");
+        assert!(
+            out.stderr.contains(needle),
+            "{what}: expected {needle:?} in:\n{}",
+            out.stderr
+        );
+        assert_eq!(tool.list(), vec![id.clone()], "{what}: the catalog changed");
+    }
+}
