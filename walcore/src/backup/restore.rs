@@ -362,7 +362,9 @@ struct FileSink {
     pg_control: Option<Vec<u8>>,
     holding: bool,
     file: Option<(File, PathBuf)>,
-    written: Vec<PathBuf>,
+    /// Each finished file goes to the sync threads, so writeback overlaps extraction.
+    syncer: std::sync::mpsc::SyncSender<(File, PathBuf)>,
+    files: u64,
     dirs: Vec<PathBuf>,
     bytes: u64,
 }
@@ -455,8 +457,14 @@ impl TarSink for FileSink {
 
     fn end_entry(&mut self) -> Result<(), ExtractError> {
         self.holding = false;
-        if let Some((_, path)) = self.file.take() {
-            self.written.push(path);
+        if let Some(done) = self.file.take() {
+            self.files += 1;
+            // The sync threads only stop after the extraction, so a send cannot fail before;
+            // if it did, the file is synced here instead.
+            if let Err(std::sync::mpsc::SendError((f, path))) = self.syncer.send(done) {
+                f.sync_all()
+                    .map_err(|e| ExtractError::Io(local(&path, "syncing", e)))?;
+            }
         }
         Ok(())
     }
@@ -595,6 +603,62 @@ fn sync_all(paths: &[PathBuf]) -> Result<(), Error> {
     })
 }
 
+/// Threads that fsync finished files while extraction goes on (their calls wait on the
+/// disk, not the CPU), keeping the first failure.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<(File, PathBuf)>,
+    threads: Vec<std::thread::JoinHandle<Result<(), Error>>>,
+}
+
+impl Syncer {
+    const THREADS: usize = 4;
+    /// Finished files waiting for a sync thread, each holding a descriptor: when the disk
+    /// falls behind, extraction waits rather than opening files without bound.
+    const QUEUE: usize = 64;
+
+    fn start() -> Syncer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(File, PathBuf)>(Syncer::QUEUE);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let threads = (0..Syncer::THREADS)
+            .map(|_| {
+                let rx = std::sync::Arc::clone(&rx);
+                std::thread::spawn(move || -> Result<(), Error> {
+                    let mut first = Ok(());
+                    loop {
+                        let next = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => break,
+                        };
+                        let Ok((file, path)) = next else { break };
+                        if first.is_ok()
+                            && let Err(e) = file.sync_all()
+                        {
+                            first = Err(local(&path, "syncing", e));
+                        }
+                    }
+                    first
+                })
+            })
+            .collect();
+        Syncer { tx, threads }
+    }
+
+    /// Waits until every file sent has been synced.
+    fn finish(self) -> Result<(), Error> {
+        drop(self.tx);
+        let mut result = Ok(());
+        for t in self.threads {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Internal, "a sync thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
 /// Writes a new file with `bytes`, mode 0600.
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let mut f = OpenOptions::new()
@@ -679,6 +743,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
     }
 
     // Every archive at once: each decodes on the codec's threads while the others download.
+    let syncer = Syncer::start();
     let mut tasks = Vec::new();
     for object in chosen
         .objects
@@ -710,7 +775,8 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
             pg_control: None,
             holding: false,
             file: None,
-            written: Vec::new(),
+            syncer: syncer.tx.clone(),
+            files: 0,
             dirs: Vec::new(),
             bytes: 0,
         };
@@ -721,6 +787,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
         ));
     }
     let mut written = Vec::new();
+    let mut files = 0;
     let mut dirs = vec![pgdata.clone()];
     dirs.extend(destinations.values().cloned());
     let mut pg_control = None;
@@ -729,7 +796,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
     for task in tasks {
         match task.await {
             Ok(Ok(sink)) => {
-                written.extend(sink.written);
+                files += sink.files;
                 dirs.extend(sink.dirs);
                 bytes += sink.bytes;
                 if sink.pg_control.is_some() {
@@ -747,7 +814,10 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
             }
         }
     }
-    if let Some(e) = first_error {
+    let synced = tokio::task::spawn_blocking(move || syncer.finish())
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("a sync task failed: {e}")))?;
+    if let Some(e) = first_error.or(synced.err()) {
         return Err(e.context(format!(
             "restoring backup {} into {} failed; the directory has no pg_control and will not \
              start: empty it before trying again",
@@ -798,7 +868,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
     write_new(&signal, b"")?;
     written.push(signal);
 
-    let files = written.len() as u64 + 1;
+    let files = files + written.len() as u64 + 1;
     tokio::task::spawn_blocking(move || -> Result<(), Error> {
         sync_all(&written)?;
         sync_all(&dirs)?;
