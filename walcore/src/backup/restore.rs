@@ -164,8 +164,8 @@ pub struct RestoreOptions {
     pub action: TargetAction,
     /// Tablespace locations to move: the location in the backup, and where to put it.
     pub tablespace_map: Vec<(String, PathBuf)>,
-    /// The whole `restore_command` to write; `None` builds one that runs `walcore-restore`
-    /// with this repository's settings.
+    /// The `restore_command` to write ([`super::restore_command_for`] builds one that runs
+    /// `walcore-restore` with this repository's settings).
     pub restore_command: String,
 }
 
