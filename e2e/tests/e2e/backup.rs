@@ -87,10 +87,10 @@ pub fn conninfo(cluster: &Cluster, extra: &str) -> String {
     )
 }
 
-/// A cluster with an empty data directory for a restore to fill: a fresh one's data directory,
-/// removed.
-pub fn empty_cluster() -> Cluster {
-    let c = Cluster::new();
+/// A cluster of `major` with an empty data directory for a restore to fill: a fresh one's data
+/// directory, removed.
+pub fn empty_cluster(major: u32) -> Cluster {
+    let c = Cluster::new_major(major);
     std::fs::remove_dir_all(&c.data).expect("remove the template copy");
     c
 }
@@ -129,7 +129,6 @@ fn key_file(dir: &Path) -> PathBuf {
 
 /// What each target should bring back: the table's fingerprint when the target was set.
 struct Marks {
-    tablespace: PathBuf,
     xid: (String, String),
     name: (String, String),
     lsn: (String, String),
@@ -139,7 +138,7 @@ struct Marks {
 }
 
 /// Writes batches on `src` one after another, noting a target of each kind between them.
-fn write_marks(src: &Cluster, tablespace: PathBuf) -> Marks {
+fn write_marks(src: &Cluster) -> Marks {
     let xid_out = src.psql(
         "begin; insert into t select g, 'X', repeat(md5('X' || g), 6) from \
          generate_series(1, 3000) g; select txid_current(); commit;",
@@ -166,7 +165,6 @@ fn write_marks(src: &Cluster, tablespace: PathBuf) -> Marks {
     let end = fingerprint(src);
     src.archive_all(ARCHIVE_WAIT);
     Marks {
-        tablespace,
         xid: (xid, at_xid),
         name: ("before_L".to_owned(), at_name),
         lsn: (lsn, at_lsn),
@@ -180,16 +178,16 @@ fn write_marks(src: &Cluster, tablespace: PathBuf) -> Marks {
 fn restore_and_start(
     tool: &Tool,
     env: &[(String, String)],
-    marks: &Marks,
+    (major, tablespace): (u32, &Path),
     args: &[&str],
     what: &str,
 ) -> (Cluster, String) {
-    let mut dst = empty_cluster();
+    let mut dst = empty_cluster(major);
     let restore_bin = dst.install(bins::RESTORE);
     let ts_new = sys::server_mkdir(&dst.dir().join("ts"));
     std::fs::remove_dir(&ts_new).expect("the restore creates it");
     let data = dst.data.to_string_lossy().into_owned();
-    let map = format!("{}={}", marks.tablespace.display(), ts_new.display());
+    let map = format!("{}={}", tablespace.display(), ts_new.display());
     let program = restore_bin.to_string_lossy().into_owned();
     let mut all = vec![
         "restore",
@@ -256,21 +254,33 @@ fn background_writer(src: &Cluster) -> (Arc<AtomicBool>, std::thread::JoinHandle
     (stop, handle)
 }
 
-/// The whole cycle on one repository.
-fn cycle(repo: &Repo, env: Vec<(String, String)>) {
-    let mut src = Cluster::new();
+/// Starts `src` archiving into the repository of `env`, with table `t` holding `pre` rows of
+/// batch `pre` and a tablespace `ts1` holding table `in_ts`; returns the tablespace's location.
+fn start_source(src: &mut Cluster, env: &[(String, String)], pre: u32) -> PathBuf {
     src.archive_with_walcore();
-    src.set_env(&env);
+    src.set_env(env);
     src.start();
-    create_table(&src);
+    create_table(src);
     let ts = sys::server_mkdir(&src.dir().join("ts1"));
     src.psql(&format!(
         "create tablespace ts1 location '{}'",
         ts.display()
     ));
     src.psql("create table in_ts (id int, v text) tablespace ts1");
-    src.psql("insert into in_ts select g, md5(g::text) from generate_series(1, 5000) g");
-    insert_batch(&src, "pre", 30_000);
+    src.psql("insert into in_ts select g, md5(g::text) from generate_series(1, 3000) g");
+    insert_batch(src, "pre", pre);
+    ts
+}
+
+/// The rows of the table in the tablespace, as a fingerprint.
+fn in_ts(c: &Cluster) -> String {
+    c.psql("select count(*), sum(hashtext(v)) from in_ts")
+}
+
+/// The whole cycle on one repository.
+fn cycle(repo: &Repo, env: Vec<(String, String)>) {
+    let mut src = Cluster::new();
+    let ts = start_source(&mut src, &env, 30_000);
 
     let tool = Tool::new(&src, env.clone());
     let (stop, writer) = background_writer(&src);
@@ -296,9 +306,9 @@ fn cycle(repo: &Repo, env: Vec<(String, String)>) {
         "no base.tar object: {:?}",
         repo.keys()
     );
-    let mut marks = write_marks(&src, ts);
+    let mut marks = write_marks(&src);
     marks.pre = src.psql("select count(*) from t where batch = 'pre'");
-    let ts_rows = src.psql("select count(*), sum(hashtext(v)) from in_ts");
+    let ts_rows = in_ts(&src);
 
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         (
@@ -325,16 +335,16 @@ fn cycle(repo: &Repo, env: Vec<(String, String)>) {
     ];
     for (what, args, want) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (dst, rows) = restore_and_start(&tool, &env, &marks, &args, what);
+        let (dst, rows) = restore_and_start(&tool, &env, (15, &ts), &args, what);
         assert_eq!(&rows, want, "restore to {what}: rows differ");
         assert_eq!(
-            dst.psql("select count(*), sum(hashtext(v)) from in_ts"),
+            in_ts(&dst),
             ts_rows,
             "restore to {what}: tablespace rows differ"
         );
     }
     // Immediate: consistent as of the backup's end; every row of `pre`, none written later.
-    let (dst, _) = restore_and_start(&tool, &env, &marks, &["--target-immediate"], "immediate");
+    let (dst, _) = restore_and_start(&tool, &env, (15, &ts), &["--target-immediate"], "immediate");
     assert_eq!(
         dst.psql("select count(*) from t where batch = 'pre'"),
         marks.pre
@@ -392,7 +402,7 @@ fn self_contained_backup_without_an_archive() {
     assert_eq!(show["wal_included"], true);
     let pre = src.psql("select count(*) from t where batch = 'pre'");
 
-    let mut dst = empty_cluster();
+    let mut dst = empty_cluster(15);
     let data = dst.data.to_string_lossy().into_owned();
     tool.ok(&[
         "restore",
@@ -428,18 +438,7 @@ fn take_and_restore_on_every_major() {
         let repo = Repo::file();
         let env = repo.env(&Codec::encrypted(KEY_1));
         let mut src = Cluster::new_major(major);
-        src.archive_with_walcore();
-        src.set_env(&env);
-        src.start();
-        create_table(&src);
-        let ts = sys::server_mkdir(&src.dir().join("ts1"));
-        src.psql(&format!(
-            "create tablespace ts1 location '{}'",
-            ts.display()
-        ));
-        src.psql("create table in_ts (id int, v text) tablespace ts1");
-        src.psql("insert into in_ts select g, md5(g::text) from generate_series(1, 3000) g");
-        insert_batch(&src, "pre", 10_000);
+        let ts = start_source(&mut src, &env, 10_000);
         let tool = Tool::new(&src, env.clone());
         let id = tool.take(&src, &[]);
         let show: serde_json::Value =
@@ -453,42 +452,20 @@ fn take_and_restore_on_every_major() {
         std::thread::sleep(Duration::from_millis(1100));
         let target = src.psql("select now()");
         let want = fingerprint(&src);
-        let ts_rows = src.psql("select count(*), sum(hashtext(v)) from in_ts");
+        let ts_rows = in_ts(&src);
         std::thread::sleep(Duration::from_millis(1100));
         insert_batch(&src, "B", 5_000);
         src.archive_all(ARCHIVE_WAIT);
 
-        let mut dst = Cluster::new_major(major);
-        std::fs::remove_dir_all(&dst.data).expect("remove the template copy");
-        let restore_bin = dst.install(bins::RESTORE);
-        let ts_new = dst.dir().join("ts");
-        let data = dst.data.to_string_lossy().into_owned();
-        let map = format!("{}={}", ts.display(), ts_new.display());
-        let program = restore_bin.to_string_lossy().into_owned();
-        tool.ok(&[
-            "restore",
-            "--pgdata",
-            &data,
-            "--target-time",
-            &target,
-            "--restore-program",
-            &program,
-            "--tablespace-map",
-            &map,
-        ]);
-        verify_backup(&dst);
-        prepare_restored(&mut dst, &env);
-        let outcome = scenario::run_recovery(&dst);
-        assert_promoted(&dst, outcome, &format!("PostgreSQL {major}"));
-        assert_eq!(
-            fingerprint(&dst),
-            want,
-            "PostgreSQL {major}: rows at the target"
+        let what = format!("PostgreSQL {major}");
+        let (dst, rows) = restore_and_start(
+            &tool,
+            &env,
+            (major, &ts),
+            &["--target-time", &target],
+            &what,
         );
-        assert_eq!(
-            dst.psql("select count(*), sum(hashtext(v)) from in_ts"),
-            ts_rows,
-            "PostgreSQL {major}: tablespace rows"
-        );
+        assert_eq!(rows, want, "{what}: rows at the target");
+        assert_eq!(in_ts(&dst), ts_rows, "{what}: tablespace rows");
     }
 }

@@ -165,7 +165,7 @@ fn take_killed_at_a_random_moment() {
     let last = tool.take(&src, &[]);
     complete.push(last.clone());
     assert_eq!(tool.list(), complete);
-    let dst = empty_cluster();
+    let dst = empty_cluster(15);
     let data = dst.data.to_string_lossy().into_owned();
     tool.ok(&[
         "restore",
@@ -189,7 +189,7 @@ fn restores_it_must_refuse() {
     let id = tool.take(&src, &[]);
 
     // A non-empty directory is refused and left alone.
-    let dst = empty_cluster();
+    let dst = empty_cluster(15);
     sys::server_mkdir(&dst.data);
     let keep = dst.data.join("precious");
     std::fs::write(&keep, "keep me").expect("write");
