@@ -1185,18 +1185,8 @@ pub(crate) mod tests {
     /// directory, as `basebackup_copy.c` sends it.
     pub(crate) fn pg15_reply() -> Vec<BackendMessage> {
         use BackendMessage as M;
-        vec![
-            M::RowDescription(vec![column("recptr"), column("tli")]),
-            row(&[Some("0/2000028"), Some("1")]),
-            M::CommandComplete("SELECT".into()),
-            M::RowDescription(vec![
-                column("spcoid"),
-                column("spclocation"),
-                column("size"),
-            ]),
-            row(&[Some("16384"), Some("/srv/ts1"), None]),
-            row(&[None, None, None]),
-            M::CommandComplete("SELECT".into()),
+        let mut reply = start_and_tablespaces();
+        reply.extend([
             M::CopyOutResponse(CopyResponse::default()),
             copy(CopyMessage::NewArchive {
                 name: "16384.tar".into(),
@@ -1217,11 +1207,41 @@ pub(crate) mod tests {
             copy(CopyMessage::Manifest),
             copy(CopyMessage::Data(Bytes::from_static(b"{}"))),
             M::CopyDone,
+        ]);
+        reply.extend(end_position());
+        reply.extend([
+            M::CommandComplete("BASE_BACKUP".into()),
+            M::ReadyForQuery(TransactionStatus::Idle),
+        ]);
+        reply
+    }
+
+    /// The start position and tablespace list every reply begins with: `/srv/ts1` (OID 16384)
+    /// and the main directory.
+    fn start_and_tablespaces() -> Vec<BackendMessage> {
+        use BackendMessage as M;
+        vec![
+            M::RowDescription(vec![column("recptr"), column("tli")]),
+            row(&[Some("0/2000028"), Some("1")]),
+            M::CommandComplete("SELECT".into()),
+            M::RowDescription(vec![
+                column("spcoid"),
+                column("spclocation"),
+                column("size"),
+            ]),
+            row(&[Some("16384"), Some("/srv/ts1"), None]),
+            row(&[None, None, None]),
+            M::CommandComplete("SELECT".into()),
+        ]
+    }
+
+    /// The end position result set.
+    fn end_position() -> Vec<BackendMessage> {
+        use BackendMessage as M;
+        vec![
             M::RowDescription(vec![column("recptr"), column("tli")]),
             row(&[Some("0/2000100"), Some("1")]),
             M::CommandComplete("SELECT".into()),
-            M::CommandComplete("BASE_BACKUP".into()),
-            M::ReadyForQuery(TransactionStatus::Idle),
         ]
     }
 
@@ -1542,18 +1562,8 @@ pub(crate) mod tests {
         use BackendMessage as M;
         let copy_out = || M::CopyOutResponse(CopyResponse::default());
         let data = |d: &'static [u8]| M::CopyData(Bytes::from_static(d));
-        vec![
-            M::RowDescription(vec![column("recptr"), column("tli")]),
-            row(&[Some("0/2000028"), Some("1")]),
-            M::CommandComplete("SELECT".into()),
-            M::RowDescription(vec![
-                column("spcoid"),
-                column("spclocation"),
-                column("size"),
-            ]),
-            row(&[Some("16384"), Some("/srv/ts1"), None]),
-            row(&[None, None, None]),
-            M::CommandComplete("SELECT".into()),
+        let mut reply = start_and_tablespaces();
+        reply.extend([
             copy_out(),
             data(b"ts data"),
             M::CopyDone,
@@ -1568,12 +1578,13 @@ pub(crate) mod tests {
             copy_out(),
             data(b"{}"),
             M::CopyDone,
-            M::RowDescription(vec![column("recptr"), column("tli")]),
-            row(&[Some("0/2000100"), Some("1")]),
-            M::CommandComplete("SELECT".into()),
+        ]);
+        reply.extend(end_position());
+        reply.extend([
             M::CommandComplete("SELECT".into()),
             M::ReadyForQuery(TransactionStatus::Idle),
-        ]
+        ]);
+        reply
     }
 
     fn decode(mut d: BaseBackupDecoder, reply: Vec<BackendMessage>) -> Vec<BackupEvent> {
