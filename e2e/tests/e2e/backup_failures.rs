@@ -256,3 +256,44 @@ fn restores_it_must_refuse() {
         "a failed restore left a pg_control"
     );
 }
+
+/// A take whose WAL never reaches the repository (the server archives nothing) fails after
+/// `--wal-timeout`, says why, and removes the objects it had stored.
+#[test]
+fn take_whose_wal_is_never_archived_leaves_nothing() {
+    let repo = Repo::file();
+    let codec = Codec::encrypted(KEY_1);
+    let src = Cluster::new();
+    src.set("archive_mode", "off");
+    src.start();
+    create_table(&src);
+    insert_batch(&src, "pre", 5_000);
+    let tool = Tool::new(&src, repo.env(&codec));
+    let out = tool.run(&[
+        "take",
+        "--dbname",
+        &conninfo(&src, ""),
+        "--wal-timeout",
+        "2s",
+    ]);
+    assert!(!out.status.success(), "take succeeded without its WAL");
+    for needle in [
+        "was not archived",
+        "archive_command",
+        "its objects were removed",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "{needle:?} not in:\n{}",
+            out.stderr
+        );
+    }
+    let keys = repo.keys();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with("backup/") || k.starts_with("catalog/")),
+        "the failed take left objects: {keys:?}"
+    );
+    assert_eq!(tool.list(), Vec::<String>::new());
+}

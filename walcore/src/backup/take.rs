@@ -330,6 +330,8 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
     let mut meter = Meter::new(options.progress_bar);
     let mut current: Option<Upload> = None;
     let mut pending: Vec<JoinHandle<Result<ObjectEntry, Error>>> = Vec::new();
+    // Every object this take starts, to remove again if the backup is not recorded.
+    let mut keys: Vec<String> = Vec::new();
     let mut tablespaces: Vec<TablespaceEntry> = Vec::new();
     let mut start: Option<(Lsn, u32)> = None;
     let mut stop: Option<(Lsn, u32)> = None;
@@ -368,6 +370,7 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
                     if let Some(up) = current.take() {
                         pending.push(up.complete().await?);
                     }
+                    keys.push(catalog::archive_key(&id, &name));
                     current = Some(Upload::start(
                         repo,
                         catalog::archive_key(&id, &name),
@@ -393,6 +396,7 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
                     if let Some(up) = current.take() {
                         pending.push(up.complete().await?);
                     }
+                    keys.push(catalog::manifest_key(&id));
                     current = Some(Upload::start(
                         repo,
                         catalog::manifest_key(&id),
@@ -416,73 +420,83 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
     drop(current);
     if let Err(e) = result {
         network.abort();
-        return Err(e.context(format!("backup {id} failed; it is not in the catalog")));
+        return Err(discard(repo, &id, &keys, pending, e).await);
     }
-    let conn = network
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("the network task failed: {e}")))?;
-    let _ = conn.close().await;
-    let (Some((start_lsn, start_timeline)), Some((stop_lsn, stop_timeline))) = (start, stop) else {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("{server} ended the base backup without its start and end positions"),
-        ));
-    };
-    if !manifest_seen {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("{server} sent no backup manifest"),
-        ));
-    }
-    let mut objects = Vec::with_capacity(pending.len());
-    for task in pending {
-        objects.push(join(task).await?);
-    }
-    let stop_time = SystemTime::now();
-    let data_bytes: u64 = objects.iter().map(|o| o.plaintext_len).sum();
-    let stored_bytes: u64 = objects.iter().map(|o| o.stored_len).sum();
-    tracing::info!(
-        backup = %id,
-        stop_lsn = %stop_lsn,
-        bytes = data_bytes,
-        stored_bytes,
-        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-        "data stored"
-    );
-    if !options.include_wal {
-        wait_for_wal(
-            repo,
-            &id,
-            seg_size,
-            (start_lsn, start_timeline),
-            (stop_lsn, stop_timeline),
-            options.wal_timeout,
-        )
-        .await?;
-    }
-    let record = BackupRecord {
-        format_version: 1,
-        id: id.clone(),
-        label,
-        system_identifier: system.system_id.to_string(),
-        pg_version_num: version_num,
-        wal_segment_size: seg_size.bytes(),
-        start_lsn,
-        start_timeline,
-        stop_lsn,
-        stop_timeline,
-        start_time: catalog::format_time(start_time),
-        stop_time: catalog::format_time(stop_time),
-        checkpoint: match options.checkpoint {
-            Checkpoint::Fast => "fast",
-            Checkpoint::Spread => "spread",
+    let finished: Result<BackupRecord, Error> = async {
+        let conn = network.await.map_err(|e| {
+            Error::new(ErrorKind::Internal, format!("the network task failed: {e}"))
+        })?;
+        let _ = conn.close().await;
+        let (Some((start_lsn, start_timeline)), Some((stop_lsn, stop_timeline))) = (start, stop)
+        else {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{server} ended the base backup without its start and end positions"),
+            ));
+        };
+        if !manifest_seen {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{server} sent no backup manifest"),
+            ));
         }
-        .to_owned(),
-        wal_included: options.include_wal,
-        tablespaces,
-        objects,
-        created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
+        let mut objects = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            objects.push(join(pending.remove(0)).await?);
+        }
+        let stop_time = SystemTime::now();
+        let data_bytes: u64 = objects.iter().map(|o| o.plaintext_len).sum();
+        let stored_bytes: u64 = objects.iter().map(|o| o.stored_len).sum();
+        tracing::info!(
+            backup = %id,
+            stop_lsn = %stop_lsn,
+            bytes = data_bytes,
+            stored_bytes,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "data stored"
+        );
+        if !options.include_wal {
+            wait_for_wal(
+                repo,
+                &id,
+                seg_size,
+                (start_lsn, start_timeline),
+                (stop_lsn, stop_timeline),
+                options.wal_timeout,
+            )
+            .await?;
+        }
+        Ok(BackupRecord {
+            format_version: 1,
+            id: id.clone(),
+            label,
+            system_identifier: system.system_id.to_string(),
+            pg_version_num: version_num,
+            wal_segment_size: seg_size.bytes(),
+            start_lsn,
+            start_timeline,
+            stop_lsn,
+            stop_timeline,
+            start_time: catalog::format_time(start_time),
+            stop_time: catalog::format_time(stop_time),
+            checkpoint: match options.checkpoint {
+                Checkpoint::Fast => "fast",
+                Checkpoint::Spread => "spread",
+            }
+            .to_owned(),
+            wal_included: options.include_wal,
+            tablespaces,
+            objects,
+            created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
+        })
+    }
+    .await;
+    let record = match finished {
+        Ok(r) => r,
+        Err(e) => return Err(discard(repo, &id, &keys, pending, e).await),
     };
+    // From here on the objects stay: a failed or uncertain catalog write may still have
+    // landed, and a recorded backup must keep every object.
     catalog::commit(repo, &record).await?;
     tracing::info!(
         backup = %id,
@@ -490,6 +504,42 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
         "backup complete and recorded in the catalog"
     );
     Ok(record)
+}
+
+/// After a take failed before its catalog record was written: lets the uploads still running
+/// end (so none lands after the clean-up), then removes every object the take started, and
+/// returns `error` saying what was left. Nothing refers to these objects; removing them only
+/// saves space, so a failure to remove one is reported, not fatal.
+async fn discard(
+    repo: &Repository,
+    id: &str,
+    keys: &[String],
+    pending: Vec<JoinHandle<Result<ObjectEntry, Error>>>,
+    error: Error,
+) -> Error {
+    for task in pending {
+        let _ = task.await;
+    }
+    let store = repo.store().describe();
+    let mut left = Vec::new();
+    for key in keys {
+        if let Err(e) = repo.store().delete(key).await {
+            tracing::warn!(key = %key, "could not remove an object of the failed backup: {e}");
+            left.push(key.as_str());
+        }
+    }
+    if left.is_empty() {
+        error.context(format!(
+            "backup {id} failed and is not in the catalog; its objects were removed"
+        ))
+    } else {
+        error.context(format!(
+            "backup {id} failed and is not in the catalog; {} of its objects could not be \
+             removed from {store} ({})",
+            left.len(),
+            left.join(", ")
+        ))
+    }
 }
 
 /// The WAL segments replay needs from `start` to `stop` (the segment holding the byte before

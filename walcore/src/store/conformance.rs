@@ -192,6 +192,23 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
     if listed != want {
         return Err(fail(format!("list gave {listed:?}, expected {want:?}")));
     }
+
+    // Deleting removes an object (its key can be created again); deleting nothing is fine.
+    let gone = |e: StoreError| fail(format!("delete: {e}"));
+    store.delete(&k("t/short")).await.map_err(gone)?;
+    store.delete(&k("t/short")).await.map_err(gone)?;
+    store.delete(&k("never-there")).await.map_err(gone)?;
+    if store
+        .head(&k("t/short"))
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .is_some()
+    {
+        return Err(fail("a deleted object is still there"));
+    }
+    if put(store, &k("t/short"), vec![9]).await? != PutOutcome::Created {
+        return Err(fail("a deleted key could not be created again"));
+    }
     Ok(())
 }
 

@@ -131,6 +131,23 @@ impl LocalStore {
         }
     }
 
+    /// Removes an object; an absent one is not an error. The directory is synced, so the
+    /// removal outlives a crash.
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error(e)),
+        }
+        if let Some(dir) = path.parent() {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error)?;
+        }
+        Ok(())
+    }
+
     /// Keys under a prefix (a directory), sorted; temporary files are skipped.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();

@@ -218,6 +218,20 @@ impl Store {
         }
     }
 
+    /// Removes an object; an absent one is not an error. Only for objects nothing refers to
+    /// (the leftovers of a base backup that was never recorded): WAL and recorded backups are
+    /// never deleted by walcore.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let key = key.to_string();
+                blocking(move || l.delete(&key)).await?
+            }
+            Store::Remote(r) => r.delete(key).await,
+        }
+    }
+
     /// Keys under a prefix, sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         match self {

@@ -206,6 +206,16 @@ impl RemoteStore {
         }
     }
 
+    /// Removes an object; an absent one is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let answer = self.inner.delete(&Path::from(key)).await;
+        progress::tick_unless_failed(&answer);
+        match answer {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
     /// Create-only write of an object whose bytes arrive on `pieces`.
     ///
     /// Up to [`SINGLE_PUT_MAX`] bytes: one conditional `PUT`, atomic. Larger: the store is
