@@ -28,8 +28,9 @@ pub use take::TakeOptions;
 
 /// A `restore_command` that runs `program` (a `walcore-restore`) with the repository settings
 /// of `config`: the repository URL, the configuration file, and the encryption key's file or
-/// command. A key given inline is never written into the data directory; the second value
-/// says so, for the caller to tell the user how the server will get it.
+/// command. A key given inline and a cloud store's credentials are never written into the data
+/// directory; the second value says so, for the caller to tell the user how the server will get
+/// them.
 pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<String>) {
     use restore::sh_quote;
     let mut words = Vec::new();
@@ -37,7 +38,7 @@ pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<S
         words.push(format!("WALCORE_CONFIG={}", sh_quote(file)));
     }
     words.push(format!("WALCORE_REPO={}", sh_quote(&config.repo)));
-    let mut note = None;
+    let mut note: Option<String> = None;
     match &config.key_source {
         KeySource::None => {}
         KeySource::File(f) => words.push(format!("WALCORE_ENCRYPTION_KEY_FILE={}", sh_quote(f))),
@@ -55,5 +56,70 @@ pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<S
     }
     words.push(sh_quote(&program.to_string_lossy()));
     words.push("%f %p".to_owned());
+    if !config.repo.starts_with("file://") {
+        let creds = "the store's credentials and endpoint (AWS_*, GOOGLE_*, AZURE_* variables) \
+                     are not written into restore_command: PostgreSQL's environment must carry \
+                     them when it starts";
+        note = Some(match note {
+            Some(n) => format!("{n}; {creds}"),
+            None => creds.to_owned(),
+        });
+    }
     (words.join(" "), note)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layer;
+
+    fn config(vars: &[(&str, &str)]) -> Config {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load_with(Layer::default(), |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+        .expect("a valid configuration")
+    }
+
+    #[test]
+    fn restore_command_names_the_key_source_never_the_key() {
+        let program = Path::new("/usr/local/bin/walcore-restore");
+        let key = "ab".repeat(32);
+        let (command, note) = restore_command_for(
+            &config(&[
+                ("WALCORE_REPO", "file:///var/lib/walcore"),
+                ("WALCORE_ENCRYPTION_KEY", &key),
+            ]),
+            program,
+        );
+        assert_eq!(
+            command,
+            "WALCORE_REPO=file:///var/lib/walcore /usr/local/bin/walcore-restore %f %p"
+        );
+        assert!(!command.contains(&key));
+        assert!(note.is_some_and(|n| n.contains("WALCORE_ENCRYPTION_KEY")));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("key file");
+        std::fs::write(&file, &key).expect("write key");
+        let file = file.to_string_lossy().into_owned();
+        let (command, note) = restore_command_for(
+            &config(&[
+                ("WALCORE_REPO", "s3://bucket/db1"),
+                ("WALCORE_ENCRYPTION_KEY_FILE", &file),
+            ]),
+            program,
+        );
+        assert_eq!(
+            command,
+            format!(
+                "WALCORE_REPO=s3://bucket/db1 WALCORE_ENCRYPTION_KEY_FILE='{file}' \
+                 /usr/local/bin/walcore-restore %f %p"
+            )
+        );
+        assert!(note.is_some_and(|n| n.contains("AWS_*")));
+    }
 }
