@@ -3,6 +3,14 @@
 
 use std::fmt;
 
+/// A local file operation that failed: `doing` (a verb such as "writing") and the path.
+pub(crate) fn local(path: &std::path::Path, doing: &str, e: std::io::Error) -> Error {
+    Error::new(
+        ErrorKind::LocalIo,
+        format!("{doing} {}: {e}", path.display()),
+    )
+}
+
 /// What a caller can do about an error. The binaries map kinds to exit codes (`exit.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {

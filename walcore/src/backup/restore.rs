@@ -16,7 +16,7 @@ use chrono::{DateTime, FixedOffset, Utc};
 
 use super::catalog::{self, BackupRecord, ObjectEntry, ObjectKind};
 use super::tar::{Entry, EntryKind, TarError, TarReader, TarSink};
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, local};
 use crate::pg::Lsn;
 use crate::repo::Repository;
 
@@ -300,8 +300,9 @@ pub fn recovery_settings(
     out
 }
 
-/// Creates `dir` (mode 0700) or checks that it is an empty directory.
-fn prepare_empty_dir(dir: &Path, what: &str) -> Result<(), Error> {
+/// Whether `dir` is an empty directory (`true`) or absent (`false`); an error naming it when it
+/// holds anything, is not a directory, or cannot be read.
+fn check_empty_dir(dir: &Path, what: &str) -> Result<bool, Error> {
     match fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -314,15 +315,9 @@ fn prepare_empty_dir(dir: &Path, what: &str) -> Result<(), Error> {
                     ),
                 ));
             }
-            // PostgreSQL refuses a data directory that others can read.
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| local(dir, "setting the mode of", e))
+            Ok(true)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| local(dir, "creating", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(Error::new(
             ErrorKind::InvalidInput,
             format!("{what} {} is not a directory", dir.display()),
@@ -331,11 +326,19 @@ fn prepare_empty_dir(dir: &Path, what: &str) -> Result<(), Error> {
     }
 }
 
-fn local(path: &Path, doing: &str, e: std::io::Error) -> Error {
-    Error::new(
-        ErrorKind::LocalIo,
-        format!("{doing} {}: {e}", path.display()),
-    )
+/// Creates `dir` (mode 0700), or gives an empty one mode 0700: PostgreSQL refuses a data
+/// directory that others can read.
+fn prepare_empty_dir(dir: &Path, what: &str) -> Result<(), Error> {
+    if check_empty_dir(dir, what)? {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| local(dir, "setting the mode of", e))
+    } else {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| local(dir, "creating", e))
+    }
 }
 
 /// Why extraction stopped.
@@ -675,18 +678,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
     let began = Instant::now();
     let pgdata = &options.pgdata;
     // Check everything that can be checked before writing anything.
-    if let Ok(mut entries) = fs::read_dir(pgdata)
-        && entries.next().is_some()
-    {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "data directory {} is not empty; restore only into an empty or new directory \
-                 (nothing was changed)",
-                pgdata.display()
-            ),
-        ));
-    }
+    check_empty_dir(pgdata, "data directory")?;
     let records = catalog::list(repo).await?;
     let (chosen, reason) = choose(&records, &options.target, options.backup.as_deref())?;
     if std::os::unix::fs::MetadataExt::uid(

@@ -6,12 +6,12 @@
 //! another kind, which the binary turns into an exit status PostgreSQL treats as fatal.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read};
+use std::io::{BufWriter, Read};
 use std::path::{Path, PathBuf};
 
 use tracing::Instrument;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, local};
 use crate::pg::{
     SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, check_segment_header,
 };
@@ -139,13 +139,6 @@ fn temp_path(dest: &Path) -> Result<PathBuf, Error> {
         file.to_string_lossy(),
         hex::encode(suffix)
     )))
-}
-
-fn local(path: &Path, doing: &str, e: io::Error) -> Error {
-    Error::new(
-        ErrorKind::LocalIo,
-        format!("{doing} {}: {e}", path.display()),
-    )
 }
 
 /// Where a decoded file goes: written to `temp`, then renamed to `dest`.
