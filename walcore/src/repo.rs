@@ -33,17 +33,25 @@ impl RepoMeta {
                 format!("unknown WAL page magic {:#06x}", header.magic),
             )
         })?;
-        WalSegmentSize::new(header.seg_size)?;
-        Ok(RepoMeta {
+        Ok(RepoMeta::new(
+            header.system_id,
+            major,
+            WalSegmentSize::new(header.seg_size)?,
+        ))
+    }
+
+    /// Metadata for a cluster, created now by this walcore.
+    pub fn new(system_id: u64, pg_major: u32, seg_size: WalSegmentSize) -> RepoMeta {
+        RepoMeta {
             format_version: 1,
-            system_identifier: header.system_id.to_string(),
-            pg_major: major,
-            wal_segment_size: header.seg_size,
+            system_identifier: system_id.to_string(),
+            pg_major,
+            wal_segment_size: seg_size.bytes(),
             created_at_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
-        })
+        }
     }
 
     pub fn system_id(&self) -> Result<u64, Error> {

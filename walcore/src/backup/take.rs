@@ -171,12 +171,11 @@ impl Upload {
     }
 
     /// Marks the object complete; the upload finishes in the background.
-    async fn complete(self) -> Result<JoinHandle<Result<ObjectEntry, Error>>, Error> {
-        let mut me = self;
-        if me.tx.send(None).await.is_err() {
-            return Err(me.failure().await);
+    async fn complete(mut self) -> Result<JoinHandle<Result<ObjectEntry, Error>>, Error> {
+        if self.tx.send(None).await.is_err() {
+            return Err(self.failure().await);
         }
-        Ok(me.task)
+        Ok(self.task)
     }
 }
 
@@ -214,17 +213,12 @@ async fn check_cluster(
     let meta = match repo.read_meta().await? {
         Some(meta) => meta,
         None => {
-            let meta = RepoMeta {
-                format_version: 1,
-                system_identifier: system.system_id.to_string(),
-                pg_major: version_num / 10_000,
-                wal_segment_size: seg_size.bytes(),
-                created_at_unix: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
-            };
-            repo.init_meta(meta).await?
+            repo.init_meta(RepoMeta::new(
+                system.system_id,
+                version_num / 10_000,
+                seg_size,
+            ))
+            .await?
         }
     };
     if meta.system_id()? != system.system_id {
