@@ -13,6 +13,7 @@ use walcore_e2e::{Cluster, Repo, sys};
 use crate::backup::{Tool, conninfo, empty_cluster, verify_backup};
 use crate::replication::set_local_replication_auth;
 use crate::scenario::ARCHIVE_WAIT;
+use crate::throughput::Rng;
 
 fn source(repo: &Repo, codec: &Codec) -> Cluster {
     let mut src = Cluster::new();
@@ -109,15 +110,6 @@ fn failed_connections_write_nothing() {
     assert_eq!(tool.list(), vec![id]);
 }
 
-/// A random duration below `limit`, from the clock (no extra dependency for one number).
-fn random_below(limit: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let frac = f64::from(nanos % 1_000_000) / 1_000_000.0;
-    limit.mul_f64(frac)
-}
-
 #[test]
 fn take_killed_at_a_random_moment() {
     let repo = Repo::file();
@@ -131,8 +123,9 @@ fn take_killed_at_a_random_moment() {
     let took = t0.elapsed();
     eprintln!("a complete take took {took:?}");
     let mut complete = vec![first];
+    let mut rng = Rng::seeded();
     for round in 0..3 {
-        let delay = random_below(took);
+        let delay = Duration::from_micros(rng.below(took.as_micros() as u64));
         let args = ["take", "--dbname", &conninfo(&src, "")];
         let mut child = tool
             .command(&args)

@@ -37,10 +37,10 @@ fn with_var(env: &[(String, String)], name: &str, value: &str) -> Vec<(String, S
 
 /// A small xorshift generator: random moments without a dependency. The seed is printed so that
 /// a failing run can be told apart from another.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn seeded() -> Rng {
+    pub(crate) fn seeded() -> Rng {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -58,7 +58,7 @@ impl Rng {
     }
 
     /// A number in `0..n`.
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
