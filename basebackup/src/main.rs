@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use walcore::backup::{
-    self, BackupRecord, RestoreOptions, TakeOptions, Target, TargetAction, catalog, progress::human,
+    self, ArchiveMode, BackupRecord, Request, RestoreOptions, TakeOptions, Target, TargetAction,
+    TargetTimeline, catalog, progress::human,
 };
 use walcore::config::{Layer, parse_duration};
 use walcore::exit::{self, Hook};
@@ -92,9 +93,31 @@ enum Command {
         /// Stop as soon as the backup is consistent.
         #[arg(long, group = "target")]
         target_immediate: bool,
+        /// Stop just before the target (time, LSN or transaction) instead of just after it.
+        #[arg(long)]
+        target_exclusive: bool,
         /// What to do at the target.
         #[arg(long, default_value = "promote")]
         target_action: TargetAction,
+        /// The timeline to recover along: latest (the newest in the repository), current (the
+        /// backup's), or a timeline ID. The backup is chosen on that timeline's history.
+        #[arg(long, default_value = "latest")]
+        target_timeline: TargetTimeline,
+        /// preserve: keep the backup's archive_mode, for the server that replaces the one backed
+        /// up (it goes on archiving, on a new timeline, into the same repository). off: write
+        /// archive_mode = off, for a clone, a drill or a staging copy, which must never push
+        /// its own timeline into the production repository.
+        #[arg(long, default_value = "preserve", value_name = "off|preserve")]
+        archive_mode: ArchiveMode,
+        /// Print the plan (backup and why, timeline, WAL range, target, settings) and write
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Restore even when the archive does not reach the target yet (PostgreSQL will then
+        /// stop at the end of the archive with "recovery ended before configured recovery
+        /// target was reached" unless more WAL is archived meanwhile).
+        #[arg(long)]
+        allow_unreached_target: bool,
         /// Restore this backup rather than the newest one that reaches the target.
         #[arg(long)]
         backup: Option<String>,
@@ -204,7 +227,12 @@ fn main() -> ExitCode {
             target_xid,
             target_name,
             target_immediate,
+            target_exclusive,
             target_action,
+            target_timeline,
+            archive_mode,
+            dry_run,
+            allow_unreached_target,
             backup,
             tablespace_map,
             restore_program,
@@ -245,28 +273,61 @@ fn main() -> ExitCode {
             })?;
             let options = RestoreOptions {
                 pgdata,
-                backup,
-                target,
-                action: target_action,
+                request: Request {
+                    target,
+                    exclusive: target_exclusive,
+                    action: target_action,
+                    timeline: target_timeline,
+                    backup,
+                    archive_mode,
+                    allow_unreached: allow_unreached_target,
+                    restore_command,
+                },
                 tablespace_map,
-                restore_command,
+                dry_run,
             };
             let report = backup::restore::restore(&repo, &options).await?;
+            let plan = &report.plan;
             if json {
-                print_json(&serde_json::json!({
-                    "backup": report.backup.id,
-                    "reason": report.reason,
-                    "files": report.files,
-                    "bytes": report.bytes,
-                    "pgdata": options.pgdata,
-                }))?;
+                let mut value = serde_json::to_value(plan.summary())
+                    .map_err(|e| Error::new(ErrorKind::Internal, format!("encoding JSON: {e}")))?;
+                value["dry_run"] = dry_run.into();
+                value["pgdata"] = serde_json::json!(options.pgdata);
+                value["archiving"] = report.archiving.clone().into();
+                if !dry_run {
+                    value["files"] = report.files.into();
+                    value["bytes"] = report.bytes.into();
+                    value["removed_settings"] = serde_json::json!(report.removed_settings);
+                    value["leftovers"] = serde_json::json!(report.leftovers);
+                }
+                print_json(&value)?;
+            } else if dry_run {
+                println!(
+                    "plan for a restore into {} (nothing written):",
+                    options.pgdata.display()
+                );
+                print!("{plan}");
+                println!("archiving: {}", report.archiving);
             } else {
                 println!(
                     "restored backup {} ({}) into {}",
-                    report.backup.id,
-                    report.reason,
+                    plan.backup.id,
+                    plan.reason,
                     options.pgdata.display()
                 );
+                if !report.removed_settings.is_empty() {
+                    println!(
+                        "removed from the backup's postgresql.auto.conf: {}",
+                        report.removed_settings.join(", ")
+                    );
+                }
+                for leftover in &report.leftovers {
+                    println!("{leftover}");
+                }
+                for note in &plan.notes {
+                    println!("note: {note}");
+                }
+                println!("archiving: {}", report.archiving);
                 println!(
                     "start it with: pg_ctl -D {} start",
                     options.pgdata.display()

@@ -9,10 +9,13 @@
 //!
 //! - [`catalog`]: the catalog records (FORMAT.md §6), backup IDs and keys.
 //! - [`take`]: the backup itself.
-//! - [`restore`]: the choice of backup, the extraction, the recovery settings.
+//! - [`plan`]: the choice of backup along the target timeline's history, the WAL it needs, the
+//!   recovery settings (a pure function; `--dry-run` prints it).
+//! - [`restore`]: the plan's execution: extraction, then the recovery settings, `pg_control` last.
 //! - [`tar`]: a sans-IO reader of the tar streams PostgreSQL sends.
 
 pub mod catalog;
+pub mod plan;
 pub mod progress;
 pub mod restore;
 pub mod take;
@@ -23,16 +26,18 @@ use std::path::Path;
 use crate::config::{Config, KeySource};
 
 pub use catalog::BackupRecord;
-pub use restore::{RestoreOptions, RestoreReport, Target, TargetAction};
+pub use plan::{ArchiveMode, Request, RestorePlan, Target, TargetAction, TargetTimeline};
+pub use restore::{RestoreOptions, RestoreReport};
 pub use take::TakeOptions;
 
 /// A `restore_command` that runs `program` (a `walcore-restore`) with the repository settings
 /// of `config`: the repository URL, the configuration file, and the encryption key's file or
 /// command. A key given inline and a cloud store's credentials are never written into the data
 /// directory; the second value says so, for the caller to tell the user how the server will get
-/// them.
+/// them. Every `%` of those words is doubled, as PostgreSQL requires of a literal `%` in
+/// `restore_command`; only the final `%f %p` are placeholders.
 pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<String>) {
-    use restore::sh_quote;
+    let sh_quote = |word: &str| plan::escape_percent(&restore::sh_quote(word));
     let mut words = Vec::new();
     if let Some(file) = &config.config_file {
         words.push(format!("WALCORE_CONFIG={}", sh_quote(file)));
@@ -121,5 +126,17 @@ mod tests {
             )
         );
         assert!(note.is_some_and(|n| n.contains("AWS_*")));
+    }
+
+    #[test]
+    fn percent_signs_in_restore_command_are_escaped_for_postgresql() {
+        let (command, _) = restore_command_for(
+            &config(&[("WALCORE_REPO", "file:///srv/100%25/repo")]),
+            Path::new("/opt/50%/walcore-restore"),
+        );
+        assert_eq!(
+            command,
+            "WALCORE_REPO=file:///srv/100%%25/repo /opt/50%%/walcore-restore %f %p"
+        );
     }
 }

@@ -12,259 +12,37 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use chrono::{DateTime, FixedOffset, Utc};
-
-use super::catalog::{self, BackupRecord, ObjectEntry, ObjectKind};
+use super::catalog::{ObjectEntry, ObjectKind};
+use super::plan::{self, ArchiveMode, Request, RestorePlan};
 use super::tar::{Entry, EntryKind, TarError, TarReader, TarSink};
 use crate::error::{Error, ErrorKind, local};
-use crate::pg::Lsn;
 use crate::repo::Repository;
-
-/// Where recovery stops.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Replay to the end of the archive.
-    End,
-    /// `recovery_target_time`.
-    Time(DateTime<FixedOffset>),
-    /// `recovery_target_lsn`.
-    Lsn(Lsn),
-    /// `recovery_target_xid`.
-    Xid(u64),
-    /// `recovery_target_name` (a restore point made with `pg_create_restore_point`).
-    Name(String),
-    /// `recovery_target = 'immediate'`: as soon as the backup is consistent.
-    Immediate,
-}
-
-impl Target {
-    /// Parses `--target-time`: an ISO 8601 / PostgreSQL-style timestamp with an explicit zone
-    /// (`2026-11-30 04:30:12+00`, `2026-11-30T04:30:12.5Z`, `2026-11-30 04:30:12 UTC`).
-    pub fn parse_time(text: &str) -> Result<Target, Error> {
-        let mut t = text.trim().to_owned();
-        if t.get(10..11).is_some_and(|c| c == "T" || c == "t") {
-            t.replace_range(10..11, " ");
-        }
-        for utc in [" UTC", " utc", "Z", "z"] {
-            if let Some(stripped) = t.strip_suffix(utc) {
-                t = format!("{stripped}+00:00");
-                break;
-            }
-        }
-        for pattern in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f %#z"] {
-            if let Ok(parsed) = DateTime::parse_from_str(&t, pattern) {
-                return Ok(Target::Time(parsed));
-            }
-        }
-        let zone_hint =
-            if DateTime::parse_from_str(&format!("{t}+00"), "%Y-%m-%d %H:%M:%S%.f%#z").is_ok() {
-                " (give its time zone, e.g. '+00' or 'UTC': the restored server's TimeZone may \
-             not be this machine's)"
-            } else {
-                ""
-            };
-        Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "--target-time '{text}' is not a time like '2026-11-30 04:30:12+00'{zone_hint}"
-            ),
-        ))
-    }
-
-    pub fn parse_lsn(text: &str) -> Result<Target, Error> {
-        text.trim().parse::<Lsn>().map(Target::Lsn).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("--target-lsn '{text}': {e}"),
-            )
-        })
-    }
-
-    pub fn parse_xid(text: &str) -> Result<Target, Error> {
-        text.trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|x| *x >= 3)
-            .map(Target::Xid)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("--target-xid '{text}' is not a transaction ID (a number from 3)"),
-                )
-            })
-    }
-
-    /// The settings that say this target, for `postgresql.auto.conf`.
-    fn settings(&self) -> Vec<(&'static str, String)> {
-        match self {
-            Target::End => vec![],
-            Target::Time(t) => vec![(
-                "recovery_target_time",
-                t.with_timezone(&Utc)
-                    .format("%Y-%m-%d %H:%M:%S%.6f+00")
-                    .to_string(),
-            )],
-            Target::Lsn(l) => vec![("recovery_target_lsn", l.to_string())],
-            Target::Xid(x) => vec![("recovery_target_xid", x.to_string())],
-            Target::Name(n) => vec![("recovery_target_name", n.clone())],
-            Target::Immediate => vec![("recovery_target", "immediate".to_owned())],
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Target::End => "the end of the archived WAL".to_owned(),
-            Target::Time(t) => format!("time {t}"),
-            Target::Lsn(l) => format!("LSN {l}"),
-            Target::Xid(x) => format!("transaction {x}"),
-            Target::Name(n) => format!("restore point '{n}'"),
-            Target::Immediate => "the end of the backup (immediate)".to_owned(),
-        }
-    }
-}
-
-/// What PostgreSQL does when it reaches the target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetAction {
-    Promote,
-    Pause,
-    Shutdown,
-}
-
-impl std::str::FromStr for TargetAction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<TargetAction, String> {
-        match s {
-            "promote" => Ok(TargetAction::Promote),
-            "pause" => Ok(TargetAction::Pause),
-            "shutdown" => Ok(TargetAction::Shutdown),
-            _ => Err(format!("'{s}' is not promote, pause or shutdown")),
-        }
-    }
-}
-
-impl TargetAction {
-    fn keyword(self) -> &'static str {
-        match self {
-            TargetAction::Promote => "promote",
-            TargetAction::Pause => "pause",
-            TargetAction::Shutdown => "shutdown",
-        }
-    }
-}
 
 /// What `restore` is asked to do.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     /// The new data directory: absent or empty.
     pub pgdata: PathBuf,
-    /// Restore this backup instead of the one the target implies.
-    pub backup: Option<String>,
-    pub target: Target,
-    pub action: TargetAction,
+    /// The backup, target, timeline, archiving and `restore_command` wanted.
+    pub request: Request,
     /// Tablespace locations to move: the location in the backup, and where to put it.
     pub tablespace_map: Vec<(String, PathBuf)>,
-    /// The `restore_command` to write ([`super::restore_command_for`] builds one that runs
-    /// `walcore-restore` with this repository's settings).
-    pub restore_command: String,
+    /// Print the plan, write nothing.
+    pub dry_run: bool,
 }
 
-/// What a restore did.
+/// What a restore did (or, for a dry run, would do).
 #[derive(Debug, Clone)]
 pub struct RestoreReport {
-    pub backup: BackupRecord,
-    /// Why that backup.
-    pub reason: String,
+    pub plan: RestorePlan,
     pub files: u64,
     pub bytes: u64,
-}
-
-/// Picks the backup to restore for `target`: `wanted` if given (checked against the target),
-/// else the newest that finished before the target. Returns it and the reason, in words.
-pub fn choose<'a>(
-    records: &'a [BackupRecord],
-    target: &Target,
-    wanted: Option<&str>,
-) -> Result<(&'a BackupRecord, String), Error> {
-    if records.is_empty() {
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            "the repository has no complete backup (take one with walcore-basebackup take)",
-        ));
-    }
-    let reaches = |r: &BackupRecord| -> Result<bool, Error> {
-        Ok(match target {
-            Target::Time(t) => r.stop()? <= t.with_timezone(&Utc),
-            Target::Lsn(l) => r.stop_lsn <= *l,
-            _ => true,
-        })
-    };
-    if let Some(id) = wanted {
-        let r = records.iter().find(|r| r.id == id).ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no complete backup {id} (walcore-basebackup list shows them)"),
-            )
-        })?;
-        if !reaches(r)? {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "backup {id} finished at {} (LSN {}), after the target {}: recovery from it \
-                     cannot stop there",
-                    r.stop_time,
-                    r.stop_lsn,
-                    target.describe()
-                ),
-            ));
-        }
-        return Ok((
-            r,
-            format!("chosen with --backup; target {}", target.describe()),
-        ));
-    }
-    let mut newest: Option<&BackupRecord> = None;
-    for r in records {
-        if reaches(r)? && newest.is_none_or(|n| r.id > n.id) {
-            newest = Some(r);
-        }
-    }
-    match newest {
-        Some(r) => Ok((
-            r,
-            match target {
-                Target::Time(_) | Target::Lsn(_) => format!(
-                    "the newest backup that finished before the target {} (it finished at {}, \
-                     LSN {})",
-                    target.describe(),
-                    r.stop_time,
-                    r.stop_lsn
-                ),
-                _ => format!("the newest backup; target {}", target.describe()),
-            },
-        )),
-        None => {
-            let oldest = records.iter().min_by(|a, b| a.id.cmp(&b.id));
-            let oldest = oldest.map_or(String::new(), |o| {
-                format!(
-                    "; the oldest backup, {}, finished at {} (LSN {})",
-                    o.id, o.stop_time, o.stop_lsn
-                )
-            });
-            Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "no backup finished before the target {}{oldest}: no backup can reach it",
-                    target.describe()
-                ),
-            ))
-        }
-    }
-}
-
-/// Quotes a value for `postgresql.conf`.
-fn conf_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
+    /// Settings found in the backup's `postgresql.auto.conf` that the restore removed (names).
+    pub removed_settings: Vec<String>,
+    /// Files of an earlier recovery the backup carried, moved out of the way.
+    pub leftovers: Vec<String>,
+    /// Whether and where the restored server will archive, in words.
+    pub archiving: String,
 }
 
 /// Quotes a word for `/bin/sh`.
@@ -277,27 +55,6 @@ pub fn sh_quote(value: &str) -> String {
         return value.to_owned();
     }
     format!("'{}'", value.replace('\'', "'\\''"))
-}
-
-/// The lines appended to `postgresql.auto.conf`.
-pub fn recovery_settings(
-    id: &str,
-    restore_command: &str,
-    target: &Target,
-    action: TargetAction,
-) -> String {
-    let mut out =
-        format!("\n# Recovery settings written by walcore-basebackup restore (backup {id})\n");
-    let mut set = |k: &str, v: &str| out.push_str(&format!("{k} = {}\n", conf_quote(v)));
-    set("restore_command", restore_command);
-    for (k, v) in target.settings() {
-        set(k, &v);
-    }
-    if *target != Target::End {
-        set("recovery_target_action", action.keyword());
-    }
-    set("recovery_target_timeline", "latest");
-    out
 }
 
 /// Whether `dir` is an empty directory (`true`) or absent (`false`); an error naming it when it
@@ -673,14 +430,24 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     f.write_all(bytes).map_err(|e| local(path, "writing", e))
 }
 
-/// Restores a backup as `options` say.
+/// Restores a backup as `options` say: plans, then (unless it is a dry run) executes the plan.
 pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<RestoreReport, Error> {
     let began = Instant::now();
     let pgdata = &options.pgdata;
     // Check everything that can be checked before writing anything.
     check_empty_dir(pgdata, "data directory")?;
-    let records = catalog::list(repo).await?;
-    let (chosen, reason) = choose(&records, &options.target, options.backup.as_deref())?;
+    let facts = plan::gather(repo, &options.request).await?;
+    let plan = plan::plan(&facts, &options.request)?;
+    if options.dry_run {
+        return Ok(RestoreReport {
+            archiving: archiving_summary(None, &plan),
+            plan,
+            files: 0,
+            bytes: 0,
+            removed_settings: Vec::new(),
+            leftovers: Vec::new(),
+        });
+    }
     if std::os::unix::fs::MetadataExt::uid(
         &fs::metadata("/proc/self").map_err(|e| local(Path::new("/proc/self"), "reading", e))?,
     ) == 0
@@ -692,8 +459,11 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
             pgdata.display()
         );
     }
-    let chosen = chosen.clone();
-    tracing::info!(backup = %chosen.id, "restoring {}: {reason}", chosen.id);
+    let chosen = plan.backup.clone();
+    tracing::info!(backup = %chosen.id, "restoring {}: {}", chosen.id, plan.reason);
+    for note in &plan.notes {
+        tracing::warn!("{note}");
+    }
 
     let mut links = HashMap::new();
     let mut destinations = HashMap::new();
@@ -841,21 +611,23 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
         write_new(&path, &manifest)?;
         written.push(path);
     }
-    let settings = recovery_settings(
-        &chosen.id,
-        &options.restore_command,
-        &options.target,
-        options.action,
-    );
     let auto = pgdata.join("postgresql.auto.conf");
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&auto)
-        .and_then(|mut f| f.write_all(settings.as_bytes()))
-        .map_err(|e| local(&auto, "writing", e))?;
+    let existing = match fs::read_to_string(&auto) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(local(&auto, "reading", e)),
+    };
+    let (conf, removed_settings) = plan::rewrite_auto_conf(
+        &existing,
+        &plan,
+        &chrono::Utc::now()
+            .format("%Y-%m-%d %H:%M:%S+00")
+            .to_string(),
+    );
+    replace_file(&auto, conf.as_bytes())?;
     written.push(auto);
+    let leftovers = set_aside_leftovers(pgdata)?;
+    let archiving = archiving_summary(Some(pgdata), &plan);
     let signal = pgdata.join("recovery.signal");
     write_new(&signal, b"")?;
     written.push(signal);
@@ -880,125 +652,115 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
         seconds = format!("{:.1}", began.elapsed().as_secs_f64()),
         "restored; start PostgreSQL on {} to recover to {}",
         pgdata.display(),
-        options.target.describe()
+        plan.target.describe()
     );
+    if !removed_settings.is_empty() {
+        tracing::info!(
+            "removed from the backup's postgresql.auto.conf: {}",
+            removed_settings.join(", ")
+        );
+    }
     Ok(RestoreReport {
-        backup: chosen,
-        reason,
+        plan,
         files,
         bytes,
+        removed_settings,
+        leftovers,
+        archiving,
     })
+}
+
+/// Replaces `path` with `bytes` (mode 0600) through a temporary file renamed over it.
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let temp = path.with_extension("walcore-new");
+    let _ = fs::remove_file(&temp);
+    write_new(&temp, bytes)?;
+    fs::rename(&temp, path).map_err(|e| local(path, "renaming into", e))
+}
+
+/// Files of an earlier recovery that a backup may carry and that would change how this one
+/// runs: `recovery.conf` (PostgreSQL 12 and later refuse to start beside it) is renamed, and
+/// `standby.signal` (which would keep the server a standby that never reaches its target) is
+/// removed. Returns what was done, in words.
+fn set_aside_leftovers(pgdata: &Path) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    let conf = pgdata.join("recovery.conf");
+    if fs::symlink_metadata(&conf).is_ok() {
+        let aside = pgdata.join("recovery.conf.walcore-disabled");
+        fs::rename(&conf, &aside).map_err(|e| local(&conf, "renaming", e))?;
+        done.push("recovery.conf renamed to recovery.conf.walcore-disabled".to_owned());
+    }
+    let standby = pgdata.join("standby.signal");
+    if fs::symlink_metadata(&standby).is_ok() {
+        fs::remove_file(&standby).map_err(|e| local(&standby, "removing", e))?;
+        done.push("standby.signal removed".to_owned());
+    }
+    Ok(done)
+}
+
+/// Whether the restored server will archive, and where, in words: from the plan and, when the
+/// configuration lives in the data directory, from its `archive_mode` and `archive_command`
+/// (whose value is never repeated: it may hold credentials).
+fn archiving_summary(pgdata: Option<&Path>, plan: &RestorePlan) -> String {
+    if plan.archive_mode == ArchiveMode::Off {
+        return "archive_mode = off (--archive-mode off): this copy archives nothing, so it \
+                cannot add its own timeline to the repository"
+            .to_owned();
+    }
+    let mut mode = None;
+    let mut command = None;
+    for file in ["postgresql.conf", "postgresql.auto.conf"] {
+        let Some(text) = pgdata.and_then(|d| fs::read_to_string(d.join(file)).ok()) else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some((name, value)) = line.split_once('=') else {
+                continue;
+            };
+            let name = name.trim().to_ascii_lowercase();
+            let value = value
+                .split('#')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches('\'');
+            match name.as_str() {
+                "archive_mode" => mode = Some(value.to_ascii_lowercase()),
+                "archive_command" => command = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let archives = mode.as_deref().is_some_and(|m| m == "on" || m == "always");
+    let walcore = command
+        .as_deref()
+        .is_some_and(|c| c.contains("walcore-archive"));
+    if archives && walcore {
+        "archive_mode is on and archive_command runs walcore-archive (--archive-mode preserve): \
+         once promoted, this server archives its new timeline into the repository that command \
+         names, as its source did, and recovery_target_timeline = 'latest' restores from that \
+         repository will follow it; restore clones and drills with --archive-mode off"
+            .to_owned()
+    } else if archives {
+        "archive_mode is on (--archive-mode preserve): once promoted, this server runs its \
+         archive_command; restore clones and drills with --archive-mode off"
+            .to_owned()
+    } else if mode.is_some() {
+        "archive_mode is off in the restored configuration: this server archives nothing".to_owned()
+    } else {
+        "archive_mode is kept as the server's configuration sets it (--archive-mode preserve); if \
+         that configuration archives into this repository, the restored server will add its new \
+         timeline there once promoted: restore clones and drills with --archive-mode off"
+            .to_owned()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::catalog::TablespaceEntry;
-
-    fn record(id: &str, stop_time: &str, stop_lsn: u64) -> BackupRecord {
-        BackupRecord {
-            format_version: 1,
-            id: id.to_owned(),
-            label: "t".into(),
-            system_identifier: "1".into(),
-            pg_version_num: 150_000,
-            wal_segment_size: 16 << 20,
-            start_lsn: Lsn(stop_lsn - 0x100),
-            start_timeline: 1,
-            stop_lsn: Lsn(stop_lsn),
-            stop_timeline: 1,
-            start_time: stop_time.to_owned(),
-            stop_time: stop_time.to_owned(),
-            checkpoint: "fast".into(),
-            wal_included: false,
-            tablespaces: Vec::<TablespaceEntry>::new(),
-            objects: vec![],
-            created_by: "test".into(),
-        }
-    }
 
     #[test]
-    fn target_times_need_a_zone() {
-        for ok in [
-            "2026-11-30 04:30:12+00",
-            "2026-11-30 04:30:12.123456+01:00",
-            "2026-11-30T04:30:12Z",
-            "2026-11-30 04:30:12 UTC",
-            "2026-11-30 04:30:12 +0530",
-        ] {
-            assert!(
-                matches!(Target::parse_time(ok), Ok(Target::Time(_))),
-                "{ok}"
-            );
-        }
-        let e = Target::parse_time("2026-11-30 04:30:12").unwrap_err();
-        assert!(e.to_string().contains("time zone"), "{e}");
-        assert!(Target::parse_time("yesterday").is_err());
-        let Ok(t) = Target::parse_time("2026-11-30 05:30:12.5+01") else {
-            panic!("parse")
-        };
-        assert_eq!(
-            t.settings(),
-            vec![(
-                "recovery_target_time",
-                "2026-11-30 04:30:12.500000+00".to_owned()
-            )]
-        );
-    }
-
-    #[test]
-    fn chooses_the_newest_backup_before_the_target() {
-        let records = vec![
-            record(
-                "20261130T010000Z-aaaa",
-                "2026-11-30T01:00:05.000Z",
-                0x0300_0000,
-            ),
-            record(
-                "20261130T020000Z-bbbb",
-                "2026-11-30T02:00:05.000Z",
-                0x0500_0000,
-            ),
-        ];
-        let at = |t: &str| Target::parse_time(t).expect("time");
-        let (r, why) = choose(&records, &at("2026-11-30 01:30:00+00"), None).expect("one");
-        assert_eq!(r.id, "20261130T010000Z-aaaa");
-        assert!(why.contains("newest backup that finished before"), "{why}");
-        let (r, _) = choose(&records, &at("2026-11-30 03:00:00Z"), None).expect("one");
-        assert_eq!(r.id, "20261130T020000Z-bbbb");
-        let e = choose(&records, &at("2026-11-30 00:59:00Z"), None).unwrap_err();
-        assert!(e.to_string().contains("no backup finished before"), "{e}");
-        assert!(e.to_string().contains("20261130T010000Z-aaaa"), "{e}");
-        let (r, _) = choose(&records, &Target::Lsn(Lsn(0x0400_0000)), None).expect("lsn");
-        assert_eq!(r.id, "20261130T010000Z-aaaa");
-        let (r, _) = choose(&records, &Target::End, None).expect("end");
-        assert_eq!(r.id, "20261130T020000Z-bbbb");
-        let e = choose(
-            &records,
-            &at("2026-11-30 01:30:00+00"),
-            Some("20261130T020000Z-bbbb"),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("after the target"), "{e}");
-        assert!(choose(&[], &Target::End, None).is_err());
-    }
-
-    #[test]
-    fn recovery_settings_quote_what_they_write() {
-        let s = recovery_settings(
-            "20261130T010000Z-aaaa",
-            "WALCORE_REPO=file:///r /usr/bin/walcore-restore %f %p",
-            &Target::Name("it's here".into()),
-            TargetAction::Promote,
-        );
-        assert!(
-            s.contains("restore_command = 'WALCORE_REPO=file:///r /usr/bin/walcore-restore %f %p'")
-        );
-        assert!(s.contains("recovery_target_name = 'it''s here'"));
-        assert!(s.contains("recovery_target_action = 'promote'"));
-        assert!(s.contains("recovery_target_timeline = 'latest'"));
-        let end = recovery_settings("x", "c", &Target::End, TargetAction::Pause);
-        assert!(!end.contains("recovery_target_action"));
+    fn shell_quoting() {
         assert_eq!(sh_quote("/usr/bin/x"), "/usr/bin/x");
         assert_eq!(sh_quote("a b'c"), "'a b'\\''c'");
     }

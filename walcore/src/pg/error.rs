@@ -83,6 +83,17 @@ pub enum PgError {
         got: usize,
     },
 
+    /// A timeline history file that `readTimeLineHistory` would not accept.
+    #[error("timeline history file of timeline {timeline}, line {line}: {problem}")]
+    InvalidHistory {
+        /// The timeline whose history it is.
+        timeline: TimelineId,
+        /// The line (from 1; 0 for the file as a whole).
+        line: usize,
+        /// What is wrong.
+        problem: String,
+    },
+
     /// The first page of a WAL segment contradicts its file name or the expectations.
     #[error("{name}: {problem}")]
     SegmentHeader {

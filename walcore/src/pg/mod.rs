@@ -14,11 +14,14 @@
 //!   (`XLogLongPageHeaderData`), checked against the file's name before a segment is archived
 //!   or handed back to PostgreSQL.
 //!
+//! - [`TimelineHistory`]: a timeline's ancestors and switch points (`readTimeLineHistory`).
+//!
 //! What it does not do: read files, decode WAL records, or know about the repository.
 
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
+mod history;
 mod lsn;
 mod page;
 mod walname;
@@ -27,6 +30,7 @@ mod walname;
 pub(crate) mod corpus;
 
 pub use error::{HeaderProblem, LsnProblem, NameProblem, PgError};
+pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::{Lsn, SegmentNo, TimelineId, WalSegmentSize};
 pub use page::{
     LongPageHeader, SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, SegmentExpectations,

@@ -5,6 +5,7 @@ pub mod conformance;
 pub mod keys;
 pub mod local;
 pub mod remote;
+pub mod scan;
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use futures::StreamExt;
 pub use keys::{META_KEY, wal_key};
 pub use local::LocalStore;
 pub use remote::RemoteStore;
+pub use scan::ObjectInfo;
 
 use crate::error::{Error, ErrorKind};
 

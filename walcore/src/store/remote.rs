@@ -156,6 +156,11 @@ impl RemoteStore {
         &self.url
     }
 
+    /// The `object_store` client, for listings that the other methods do not cover.
+    pub(super) fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner
+    }
+
     /// The whole object as a stream of byte pieces. `NotFound` is decided here, before any byte.
     pub async fn get_stream(
         &self,
@@ -303,7 +308,7 @@ impl RemoteStore {
     }
 }
 
-fn map_error(e: object_store::Error) -> StoreError {
+pub(super) fn map_error(e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound,
         object_store::Error::PermissionDenied { .. }
