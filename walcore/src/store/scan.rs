@@ -17,84 +17,31 @@ pub struct ObjectInfo {
     pub modified: SystemTime,
 }
 
+/// One level of the key space under a prefix: the child "directories" and the objects.
+#[derive(Debug, Default)]
+struct Level {
+    dirs: Vec<String>,
+    objects: Vec<ObjectInfo>,
+}
+
 impl Store {
     /// The names of the directories (common prefixes) directly under `prefix`, sorted.
     pub async fn child_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = prefix.trim_end_matches('/').to_owned();
-        match self {
-            Store::Local(l) => {
-                let dir = l.root().join(&prefix);
-                super::blocking(move || {
-                    let mut out = Vec::new();
-                    let entries = match std::fs::read_dir(&dir) {
-                        Ok(e) => e,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                        Err(e) => return Err(scan_error(&dir, e)),
-                    };
-                    for entry in entries {
-                        let entry = entry.map_err(|e| scan_error(&dir, e))?;
-                        if entry.file_type().map_err(|e| scan_error(&dir, e))?.is_dir() {
-                            out.push(entry.file_name().to_string_lossy().into_owned());
-                        }
-                    }
-                    out.sort();
-                    Ok(out)
-                })
-                .await?
-            }
-            Store::Remote(r) => {
-                let path = object_store::path::Path::from(prefix.as_str());
-                let listed = r
-                    .object_store()
-                    .list_with_delimiter(Some(&path))
-                    .await
-                    .map_err(super::remote::map_error)?;
-                progress::tick();
-                let mut out: Vec<String> = listed
-                    .common_prefixes
-                    .iter()
-                    .filter_map(|p| p.filename().map(str::to_owned))
-                    .collect();
-                out.sort();
-                Ok(out)
-            }
-        }
+        Ok(self.level(prefix).await?.dirs)
     }
 
     /// The objects directly in the directory `prefix` (not below it), sorted by key.
     pub async fn list_dir(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        Ok(self.level(prefix).await?.objects)
+    }
+
+    /// One listing request (a directory read on a file system), sorted.
+    async fn level(&self, prefix: &str) -> Result<Level, StoreError> {
         let prefix = prefix.trim_end_matches('/').to_owned();
-        match self {
+        let mut level = match self {
             Store::Local(l) => {
                 let root = l.root().to_path_buf();
-                super::blocking(move || {
-                    let dir = root.join(&prefix);
-                    let mut out = Vec::new();
-                    let entries = match std::fs::read_dir(&dir) {
-                        Ok(e) => e,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-                        Err(e) => return Err(scan_error(&dir, e)),
-                    };
-                    for entry in entries {
-                        let entry = entry.map_err(|e| scan_error(&dir, e))?;
-                        let name = entry.file_name().to_string_lossy().into_owned();
-                        if name.starts_with(TEMP_PREFIX) {
-                            continue;
-                        }
-                        let meta = entry.metadata().map_err(|e| scan_error(&dir, e))?;
-                        if !meta.is_file() {
-                            continue;
-                        }
-                        out.push(ObjectInfo {
-                            key: format!("{prefix}/{name}"),
-                            size: meta.len(),
-                            modified: meta.modified().map_err(|e| scan_error(&dir, e))?,
-                        });
-                    }
-                    out.sort_by(|a, b| a.key.cmp(&b.key));
-                    Ok(out)
-                })
-                .await?
+                super::blocking(move || read_level(&root, &prefix)).await??
             }
             Store::Remote(r) => {
                 let path = object_store::path::Path::from(prefix.as_str());
@@ -104,20 +51,54 @@ impl Store {
                     .await
                     .map_err(super::remote::map_error)?;
                 progress::tick();
-                let mut out: Vec<ObjectInfo> = listed
-                    .objects
-                    .into_iter()
-                    .map(|m| ObjectInfo {
-                        key: m.location.to_string(),
-                        size: m.size,
-                        modified: m.last_modified.into(),
-                    })
-                    .collect();
-                out.sort_by(|a, b| a.key.cmp(&b.key));
-                Ok(out)
+                Level {
+                    dirs: listed
+                        .common_prefixes
+                        .iter()
+                        .filter_map(|p| p.filename().map(str::to_owned))
+                        .collect(),
+                    objects: listed
+                        .objects
+                        .into_iter()
+                        .map(|m| ObjectInfo {
+                            key: m.location.to_string(),
+                            size: m.size,
+                            modified: m.last_modified.into(),
+                        })
+                        .collect(),
+                }
             }
+        };
+        level.dirs.sort();
+        level.objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(level)
+    }
+}
+
+/// A directory of a local store as one level; an absent directory is an empty level.
+fn read_level(root: &std::path::Path, prefix: &str) -> Result<Level, StoreError> {
+    let dir = root.join(prefix);
+    let mut level = Level::default();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(level),
+        Err(e) => return Err(scan_error(&dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| scan_error(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = entry.metadata().map_err(|e| scan_error(&dir, e))?;
+        if meta.is_dir() {
+            level.dirs.push(name);
+        } else if meta.is_file() && !name.starts_with(TEMP_PREFIX) {
+            level.objects.push(ObjectInfo {
+                key: format!("{prefix}/{name}"),
+                size: meta.len(),
+                modified: meta.modified().map_err(|e| scan_error(&dir, e))?,
+            });
         }
     }
+    Ok(level)
 }
 
 fn scan_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
