@@ -872,14 +872,7 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
     let seg_size = meta.segment_size()?;
     let records = catalog::list(repo).await?;
     let store = repo.store().describe();
-    let history_keys = repo
-        .with_retry("listing timeline history files", || async {
-            repo.store()
-                .list("wal/history/")
-                .await
-                .map_err(|e| e.into_error("listing", "wal/history/", &store))
-        })
-        .await?;
+    let history_keys = listing(repo, "wal/history/", |s| s.list("wal/history/")).await?;
     let mut histories = BTreeMap::new();
     for key in history_keys {
         let Some(name) = key
@@ -912,37 +905,43 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
     })
 }
 
+/// A listing of `prefix`, retried as every store request is.
+async fn listing<'a, T, Fut>(
+    repo: &'a Repository,
+    prefix: &str,
+    list: impl Fn(&'a crate::store::Store) -> Fut,
+) -> Result<T, Error>
+where
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let store = repo.store().describe();
+    repo.with_retry(&format!("listing {prefix}"), || {
+        let pending = list(repo.store());
+        async {
+            pending
+                .await
+                .map_err(|e| e.into_error("listing", prefix, &store))
+        }
+    })
+    .await
+}
+
 /// The newest full segment stored for `timeline`: the last log directory that holds one.
 async fn newest_segment(
     repo: &Repository,
     timeline: TimelineId,
     seg_size: WalSegmentSize,
 ) -> Result<Option<ArchivedEnd>, Error> {
-    let store = repo.store().describe();
     let probe = WalFileName::segment(timeline, crate::pg::SegmentNo(0), seg_size);
     let timeline_dir = wal_key(&probe)
         .rsplitn(3, '/')
         .nth(2)
         .map(str::to_owned)
         .unwrap_or_default();
-    let dirs = repo
-        .with_retry(&format!("listing {timeline_dir}/"), || async {
-            repo.store()
-                .child_dirs(&timeline_dir)
-                .await
-                .map_err(|e| e.into_error("listing", &timeline_dir, &store))
-        })
-        .await?;
+    let dirs = listing(repo, &timeline_dir, |s| s.child_dirs(&timeline_dir)).await?;
     for dir in dirs.iter().rev() {
         let prefix = format!("{timeline_dir}/{dir}");
-        let objects = repo
-            .with_retry(&format!("listing {prefix}/"), || async {
-                repo.store()
-                    .list_dir(&prefix)
-                    .await
-                    .map_err(|e| e.into_error("listing", &prefix, &store))
-            })
-            .await?;
+        let objects = listing(repo, &prefix, |s| s.list_dir(&prefix)).await?;
         let newest = objects.iter().rev().find_map(|o| {
             let name = WalFileName::parse(o.key.rsplit('/').next()?).ok()?;
             (name.is_segment() && name.timeline() == timeline).then(|| ArchivedEnd {

@@ -107,8 +107,6 @@ fn scan_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-
     use super::*;
     use crate::store::LocalStore;
 
