@@ -10,6 +10,8 @@
 //!   arithmetic (`XLogRecPtr`, `XLByteToSeg`, `XLogSegmentOffset`, ...).
 //! - [`WalFileName`]: the names in `pg_wal` that `archive_command` receives and
 //!   `restore_command` is asked for (`XLogFileName`, `XLogFromFileName`, `IsXLogFileName`, ...).
+//! - [`TimelineHistory`]: a timeline history file, where a timeline branched off its ancestors
+//!   (`readTimeLineHistory`).
 //! - [`parse_long_page_header`], [`check_segment_header`]: the header of a segment's first page
 //!   (`XLogLongPageHeaderData`), checked against the file's name before a segment is archived
 //!   or handed back to PostgreSQL.
@@ -19,6 +21,7 @@
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
+mod history;
 mod lsn;
 mod page;
 mod walname;
@@ -26,7 +29,8 @@ mod walname;
 #[cfg(test)]
 pub(crate) mod corpus;
 
-pub use error::{HeaderProblem, LsnProblem, NameProblem, PgError};
+pub use error::{HeaderProblem, HistoryProblem, LsnProblem, NameProblem, PgError};
+pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::{Lsn, SegmentNo, TimelineId, WalSegmentSize};
 pub use page::{
     LongPageHeader, SIZE_OF_XLOG_LONG_PHD, SIZE_OF_XLOG_SHORT_PHD, SegmentExpectations,
