@@ -6,9 +6,8 @@
 //! `walcore-restore` must stop recovery (exit above 125) naming the missing and the next stored
 //! segment; once the object is back, the same data directory recovers every row.
 
-use walcore_e2e::Cluster;
-use walcore_e2e::Repo;
 use walcore_e2e::repo::{Codec, wal_key};
+use walcore_e2e::{Cluster, Moto, Repo, moto};
 
 use crate::faults::{ROWS, fatal_then_repaired_in};
 use crate::scenario::FaultSource;
@@ -70,4 +69,29 @@ fn a_hole_in_the_archive_stops_recovery_instead_of_losing_rows() {
         "the temporary file a killed restore left in pg_wal is still there"
     );
     assert!(lookalike.exists(), "a file that is not ours was removed");
+
+    // The same archive in S3 (objects are bound to their keys, not to the store), the segment
+    // missing again: the listing that finds the next segment now runs against S3.
+    if !moto::s3_enabled("holes::a_hole_in_the_archive_stops_recovery_instead_of_losing_rows (S3)")
+    {
+        return;
+    }
+    let s3 = Repo::s3(Moto::shared());
+    let missing = wal_key(&seg);
+    for key in repo.keys() {
+        if key != missing {
+            s3.tamper(&key, &repo.read(&key).expect("stored object"));
+        }
+    }
+    let mut dst = Cluster::from_backup(&source.base);
+    dst.set_env(&s3.env(&codec));
+    dst.recover_with_walcore(None);
+    let log = fatal_then_repaired_in(&dst, &source, (&seg, &seg), "a hole in S3", || {
+        s3.tamper(&missing, &repo.read(&missing).expect("the missing object"));
+    });
+    assert!(
+        log.lines()
+            .any(|l| l.contains("hole in the archive") && l.contains(&seg) && l.contains(&next)),
+        "walcore did not report the hole in S3\n--- server log ---\n{log}"
+    );
 }
