@@ -16,6 +16,10 @@ pub(crate) fn local(path: &std::path::Path, doing: &str, e: std::io::Error) -> E
 pub enum ErrorKind {
     /// The object is certainly absent from the repository.
     NotFound,
+    /// A WAL segment is absent although the repository holds a later segment of its timeline
+    /// (and it lies past where the archive of that timeline begins): a hole in the archive, not
+    /// its end. Never retried: waiting does not bring the segment back.
+    Hole,
     /// A different object is already stored under that name; nothing was changed.
     Conflict,
     /// Stored bytes failed verification: corruption, truncation, tampering, wrong object.

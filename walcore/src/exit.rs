@@ -41,7 +41,7 @@ pub fn code(hook: Hook, kind: ErrorKind) -> u8 {
             K::Configuration => 2,
             K::InvalidInput => 3,
             K::Conflict => 4,
-            K::Integrity => 5,
+            K::Integrity | K::Hole => 5,
             K::WrongKey => 6,
             K::Transient => 7,
             K::Storage | K::NotFound => 8,
@@ -58,6 +58,7 @@ pub fn code(hook: Hook, kind: ErrorKind) -> u8 {
             K::Storage => 205,
             K::LocalIo => 206,
             K::Conflict | K::Internal => 207,
+            K::Hole => 209,
         },
     }
 }
@@ -76,8 +77,9 @@ pub fn install_panic_exit(hook: Hook) {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 10] = [
+    const ALL: [ErrorKind; 11] = [
         ErrorKind::NotFound,
+        ErrorKind::Hole,
         ErrorKind::Conflict,
         ErrorKind::Integrity,
         ErrorKind::WrongKey,

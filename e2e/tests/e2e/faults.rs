@@ -16,7 +16,7 @@ use walcore_e2e::{Cluster, Fault, FaultProxy, Moto, Recovery, Repo, moto, sys};
 use crate::scenario::{self, FaultSource, assert_promoted};
 
 /// Rows for the fault tests: about 4 segments of WAL after the base backup.
-const ROWS: u32 = 220_000;
+pub(crate) const ROWS: u32 = 220_000;
 
 /// Restores `source`'s base backup with `env`, expects the recovery to stop with FATAL at
 /// `segment` (or at a segment from `earliest` on, when the fault may strike before PostgreSQL
@@ -24,19 +24,31 @@ const ROWS: u32 = 220_000;
 fn fatal_then_repaired(
     source: &FaultSource,
     env: &[(String, String)],
-    (earliest, segment): (&str, &str),
+    segments: (&str, &str),
     fault: &str,
     repair: impl FnOnce(),
 ) {
     let mut dst = Cluster::from_backup(&source.base);
     dst.set_env(env);
     dst.recover_with_walcore(None);
-    let outcome = scenario::run_recovery(&dst);
+    fatal_then_repaired_in(&dst, source, segments, fault, repair);
+}
+
+/// [`fatal_then_repaired`] in `dst`, a copy of `source`'s base backup set up for recovery.
+/// Returns the server log of the stopped recovery.
+pub(crate) fn fatal_then_repaired_in(
+    dst: &Cluster,
+    source: &FaultSource,
+    (earliest, segment): (&str, &str),
+    fault: &str,
+    repair: impl FnOnce(),
+) -> String {
+    let outcome = scenario::run_recovery(dst);
     if outcome == Recovery::Promoted {
         panic!(
             "{fault}: PostgreSQL ended recovery and promoted although {segment} could not be \
              restored; rows now: {} (expected {})\n--- server log ---\n{}",
-            fingerprint(&dst),
+            fingerprint(dst),
             source.expected,
             sys::tail(&dst.server_log(), 60)
         );
@@ -80,13 +92,14 @@ fn fatal_then_repaired(
     );
 
     repair();
-    let outcome = scenario::run_recovery(&dst);
-    assert_promoted(&dst, outcome, &format!("{fault}, repaired"));
+    let outcome = scenario::run_recovery(dst);
+    assert_promoted(dst, outcome, &format!("{fault}, repaired"));
     assert_eq!(
-        fingerprint(&dst),
+        fingerprint(dst),
         source.expected,
         "{fault}, repaired: rows after recovery"
     );
+    log
 }
 
 #[test]

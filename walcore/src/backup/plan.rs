@@ -767,12 +767,12 @@ impl fmt::Display for RestorePlan {
             self.action.keyword()
         )?;
         let path = std::iter::once("1".to_owned())
-            .filter(|_| self.path.ancestors().is_empty() && self.path.timeline().0 != 1)
+            .filter(|_| self.path.entries().is_empty() && self.path.timeline().0 != 1)
             .chain(
                 self.path
-                    .ancestors()
+                    .entries()
                     .iter()
-                    .map(|a| format!("{} (to {})", a.timeline, a.end)),
+                    .map(|a| format!("{} (to {})", a.parent, a.switch_point)),
             )
             .chain([self.path.timeline().to_string()])
             .collect::<Vec<_>>();
@@ -886,8 +886,7 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
         let bytes = repo
             .with_retry(&format!("reading {key}"), || repo.get_small(&key))
             .await?;
-        let text = String::from_utf8_lossy(&bytes);
-        let history = TimelineHistory::parse(name.timeline(), &text)
+        let history = TimelineHistory::parse(name.timeline(), &bytes)
             .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key} in {store}: {e}")))?;
         histories.insert(name.timeline(), history);
     }

@@ -30,7 +30,10 @@ use sha2::Digest;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind};
-use crate::ops::restore::{Durability, Restored, restore_file, restore_file_with};
+use crate::ops::restore::{
+    Durability, Restored, remove_stale_temporaries, restore_durable, restore_file,
+    restore_file_with,
+};
 use crate::ops::spool::{self, Lock};
 use crate::pg::{
     SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, WalFileKind, WalFileName, WalSegmentSize,
@@ -228,6 +231,7 @@ pub async fn restore_with_prefetch(
     let (Some(pf), Some(wal)) = (pf, wal) else {
         return restore_file(repo, name, dest).await;
     };
+    remove_stale_temporaries(dest);
     // First say what PostgreSQL wants, so the worker moves on to what follows it.
     pf.kick(&wal, worker_args);
     // If the worker is fetching this very segment, its result is the quickest answer.
@@ -252,7 +256,9 @@ pub async fn restore_with_prefetch(
             bytes,
         });
     }
-    restore_file(repo, name, dest).await
+    // A segment the spool does not have, or absent there: fetched here, where an absent one is
+    // checked for being a hole (the worker's "absent" only means "not prefetched").
+    restore_durable(repo, name, dest).await
 }
 
 /// The detached worker: keeps the segments after the one PostgreSQL last asked for in the

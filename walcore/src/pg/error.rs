@@ -83,15 +83,16 @@ pub enum PgError {
         got: usize,
     },
 
-    /// A timeline history file that `readTimeLineHistory` would not accept.
-    #[error("timeline history file of timeline {timeline}, line {line}: {problem}")]
+    /// A timeline history file that `readTimeLineHistory` would reject. The line is not
+    /// quoted: a damaged file may hold anything.
+    #[error("{:08X}.history, line {line}: {problem}", timeline.0)]
     InvalidHistory {
-        /// The timeline whose history it is.
+        /// The timeline whose history file it is.
         timeline: TimelineId,
-        /// The line (from 1; 0 for the file as a whole).
+        /// The line (from 1; 0 for the whole file).
         line: usize,
-        /// What is wrong.
-        problem: String,
+        /// What is wrong with it.
+        problem: HistoryProblem,
     },
 
     /// The first page of a WAL segment contradicts its file name or the expectations.
@@ -156,6 +157,36 @@ impl fmt::Display for NameProblem {
             NameProblem::UnrecognizedForm => {
                 "expected a WAL segment (24 hex digits), optionally with .partial or \
                  .XXXXXXXX.backup, or a timeline history file (8 hex digits + .history)"
+            }
+        })
+    }
+}
+
+/// Why a timeline history file is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HistoryProblem {
+    /// The file is not UTF-8 text.
+    NotText,
+    /// The line does not start with a decimal timeline ID.
+    BadTimeline,
+    /// The timeline ID is not followed by a switch point in `%X/%X` form.
+    BadSwitchPoint,
+    /// A timeline ID not above the one on the line before.
+    NotIncreasing,
+    /// A parent timeline not below the timeline of the file.
+    NotBelowTimeline,
+}
+
+impl fmt::Display for HistoryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HistoryProblem::NotText => "not text",
+            HistoryProblem::BadTimeline => "expected a numeric timeline ID",
+            HistoryProblem::BadSwitchPoint => "expected a switch point (an LSN such as 0/5000060)",
+            HistoryProblem::NotIncreasing => "timeline IDs must be in increasing sequence",
+            HistoryProblem::NotBelowTimeline => {
+                "a parent timeline ID must be less than the file's own"
             }
         })
     }

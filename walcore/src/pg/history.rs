@@ -1,176 +1,180 @@
-//! Timeline history files (`TTTTTTTT.history`): which timelines a timeline descends from, and
-//! where each ancestor was left. Mirrors `readTimeLineHistory` and `tliOfPointInHistory` of
-//! PostgreSQL's `access/transam/timeline.c`.
+//! Timeline history files (`00000002.history`): which timelines a timeline descends from and
+//! where it branched off each of them. Mirrors `readTimeLineHistory` in
+//! `src/backend/access/transam/timeline.c`.
 //!
-//! A history file of timeline `T` has one line per ancestor, oldest first:
-//! `<parent TLI> <tab> <switch point LSN> <tab> <reason>`; blank lines and lines starting with
-//! `#` are ignored. The switch point is the LSN at which the parent's WAL stops being on `T`'s
-//! path: everything of the parent before it is shared, everything from it on belongs to the
-//! next timeline of the path.
+//! A line is `parentTLI<TAB>switchpoint<TAB>reason`: the parent timeline ran until
+//! `switchpoint` (an LSN, `%X/%X`), where its child took over. Blank lines and lines starting
+//! with `#` are skipped; what follows the switch point is ignored, as PostgreSQL ignores it. The
+//! timeline of the file itself begins at the last line's switch point.
 
-use super::error::{PgError, quoted};
+use super::error::{HistoryProblem, PgError};
 use super::lsn::{Lsn, TimelineId};
 
-/// One ancestor on a timeline's path: `timeline` is followed until `end` (exclusive).
+/// One line of a history file: `parent` ran until `switch_point`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryEntry {
-    pub timeline: TimelineId,
-    /// The switch point: the first position that is no longer on this ancestor.
-    pub end: Lsn,
+    /// The ancestor timeline.
+    pub parent: TimelineId,
+    /// Where it ended and its child began (`TimeLineHistoryEntry.end`).
+    pub switch_point: Lsn,
 }
 
-/// The path of a timeline: its ancestors with their switch points, then itself (open-ended).
+/// A parsed timeline history file: the ancestors of `timeline`, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TimelineHistory {
     timeline: TimelineId,
-    ancestors: Vec<HistoryEntry>,
+    entries: Vec<HistoryEntry>,
 }
 
 impl TimelineHistory {
-    /// The path of a timeline that has no history file: timeline 1, or one whose history is
-    /// unknown (it is then treated as having no ancestors).
-    pub fn root(timeline: TimelineId) -> TimelineHistory {
-        TimelineHistory {
-            timeline,
-            ancestors: Vec::new(),
-        }
-    }
-
-    /// Parses the history file of `timeline` as `readTimeLineHistory` does: ancestors must have
-    /// increasing timeline IDs below `timeline` and non-decreasing switch points.
-    pub fn parse(timeline: TimelineId, text: &str) -> Result<TimelineHistory, PgError> {
-        let bad = |line: usize, why: &str| PgError::InvalidHistory {
+    /// Parses the history file of `timeline` (the `TTTTTTTT` of its name), rejecting what
+    /// `readTimeLineHistory` rejects: a line without a numeric timeline and a switch point,
+    /// parent timelines that do not increase, a parent not below `timeline`.
+    pub fn parse(timeline: TimelineId, text: &[u8]) -> Result<TimelineHistory, PgError> {
+        let fail = |line: usize, problem| PgError::InvalidHistory {
             timeline,
             line,
-            problem: why.to_owned(),
+            problem,
         };
-        let mut ancestors: Vec<HistoryEntry> = Vec::new();
+        let text = std::str::from_utf8(text).map_err(|_| fail(0, HistoryProblem::NotText))?;
+        let mut entries: Vec<HistoryEntry> = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim_start();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut fields = line.split_whitespace();
-            let tli = fields
-                .next()
-                .and_then(|f| f.parse::<u32>().ok())
-                .filter(|t| *t >= 1)
-                .ok_or_else(|| bad(i + 1, "the first field is not a timeline ID"))?;
-            let end: Lsn = fields
-                .next()
-                .ok_or_else(|| bad(i + 1, "no switch point after the timeline ID"))?
-                .parse()
-                .map_err(|e: PgError| bad(i + 1, &e.to_string()))?;
-            if let Some(prev) = ancestors.last() {
-                if tli <= prev.timeline.0 {
-                    return Err(bad(i + 1, "timeline IDs must be in increasing order"));
-                }
-                if end < prev.end {
-                    return Err(bad(i + 1, "switch points must not go backwards"));
-                }
+            let (tli, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+            let parent = tli
+                .parse::<u32>()
+                .map_err(|_| fail(i + 1, HistoryProblem::BadTimeline))?;
+            let lsn = rest.split_whitespace().next().unwrap_or("");
+            let switch_point = lsn
+                .parse::<Lsn>()
+                .map_err(|_| fail(i + 1, HistoryProblem::BadSwitchPoint))?;
+            if entries.last().is_some_and(|e| parent <= e.parent.0) {
+                return Err(fail(i + 1, HistoryProblem::NotIncreasing));
             }
-            if tli >= timeline.0 {
-                return Err(bad(
-                    i + 1,
-                    &format!(
-                        "ancestor {tli} is not older than the timeline {} itself",
-                        quoted(&timeline.to_string())
-                    ),
-                ));
+            if parent >= timeline.0 {
+                return Err(fail(i + 1, HistoryProblem::NotBelowTimeline));
             }
-            ancestors.push(HistoryEntry {
-                timeline: TimelineId(tli),
-                end,
+            entries.push(HistoryEntry {
+                parent: TimelineId(parent),
+                switch_point,
             });
         }
-        if timeline.0 > 1 && ancestors.is_empty() {
-            return Err(bad(0, "it lists no parent timeline"));
-        }
-        Ok(TimelineHistory {
-            timeline,
-            ancestors,
-        })
+        Ok(TimelineHistory { timeline, entries })
     }
 
-    /// The timeline this history leads to.
+    /// The timeline the file describes.
     pub fn timeline(&self) -> TimelineId {
         self.timeline
     }
 
     /// The ancestors, oldest first.
-    pub fn ancestors(&self) -> &[HistoryEntry] {
-        &self.ancestors
+    pub fn entries(&self) -> &[HistoryEntry] {
+        &self.entries
+    }
+
+    /// The path of a timeline without a history file: timeline 1, or one whose history was
+    /// never archived (it is then treated as having no ancestors).
+    pub fn root(timeline: TimelineId) -> TimelineHistory {
+        TimelineHistory {
+            timeline,
+            entries: Vec::new(),
+        }
     }
 
     /// Whether `timeline` is on this path (an ancestor or the timeline itself).
     pub fn includes(&self, timeline: TimelineId) -> bool {
-        timeline == self.timeline || self.ancestors.iter().any(|a| a.timeline == timeline)
+        timeline == self.timeline || self.entries.iter().any(|e| e.parent == timeline)
     }
 
-    /// Where the WAL of `timeline` stops being on this path (`None`: it never does, it is the
-    /// path's own timeline; also `None` for a timeline not on the path).
+    /// Where the WAL of `timeline` stops being on this path: its switch point (`None` for the
+    /// path's own timeline, which never stops, and for a timeline not on the path).
     pub fn end_of(&self, timeline: TimelineId) -> Option<Lsn> {
-        self.ancestors
+        self.entries
             .iter()
-            .find(|a| a.timeline == timeline)
-            .map(|a| a.end)
+            .find(|e| e.parent == timeline)
+            .map(|e| e.switch_point)
     }
 
-    /// Where `timeline` starts on this path: the previous switch point, or 0/0 for the first.
+    /// Where `timeline` starts on this path: the switch point before it, or 0/0 for the first.
     /// `None` for a timeline not on the path.
     pub fn start_of(&self, timeline: TimelineId) -> Option<Lsn> {
         if !self.includes(timeline) {
             return None;
         }
-        let mut start = Lsn(0);
-        for a in &self.ancestors {
-            if a.timeline == timeline {
+        let mut start = Lsn::INVALID;
+        for e in &self.entries {
+            if e.parent == timeline {
                 return Some(start);
             }
-            start = a.end;
+            start = e.switch_point;
         }
         Some(start)
     }
 
-    /// Whether the WAL of `timeline` up to `lsn` (inclusive) is on this path: the timeline is
-    /// on it, and `lsn` comes before the point where the path left it (`tliOfPointInHistory`).
+    /// Whether the WAL of `timeline` up to `lsn` is on this path: the timeline is on it, and
+    /// `lsn` is not past the point where the path left it (`tliOfPointInHistory`).
     pub fn reaches(&self, timeline: TimelineId, lsn: Lsn) -> bool {
         self.includes(timeline) && self.end_of(timeline).is_none_or(|end| lsn <= end)
     }
 
     /// The timeline of the path that holds position `lsn`: `tliOfPointInHistory`.
     pub fn timeline_at(&self, lsn: Lsn) -> TimelineId {
-        self.ancestors
+        self.entries
             .iter()
-            .find(|a| lsn < a.end)
-            .map_or(self.timeline, |a| a.timeline)
+            .find(|e| lsn < e.switch_point)
+            .map_or(self.timeline, |e| e.parent)
+    }
+
+    /// Where the timeline begins: the switch point of its last ancestor, or [`Lsn::INVALID`]
+    /// when the file names none (the `begin` of the last entry `readTimeLineHistory` returns).
+    pub fn start(&self) -> Lsn {
+        self.entries.last().map_or(Lsn::INVALID, |e| e.switch_point)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TL3: &str = "1\t0/3000158\tno recovery target specified\n\n\
-                       2\t0/5000000\tbefore 2026-11-30 04:30:12.5+00\n";
+    use proptest::prelude::*;
 
     #[test]
-    fn parses_what_postgresql_writes() {
-        let h = TimelineHistory::parse(TimelineId(3), TL3).expect("valid history");
+    fn reads_what_postgresql_writes() {
+        // As `writeTimeLineHistory` writes it after two promotions.
+        let text = b"1\t0/5000060\tno recovery target specified\n\n\
+                     2\t0/9000028\tat restore point \"before\"\n";
+        let h = TimelineHistory::parse(TimelineId(3), text).expect("history");
         assert_eq!(h.timeline(), TimelineId(3));
         assert_eq!(
-            h.ancestors(),
+            h.entries(),
             &[
                 HistoryEntry {
-                    timeline: TimelineId(1),
-                    end: Lsn(0x300_0158)
+                    parent: TimelineId(1),
+                    switch_point: Lsn(0x500_0060)
                 },
                 HistoryEntry {
-                    timeline: TimelineId(2),
-                    end: Lsn(0x500_0000)
-                }
+                    parent: TimelineId(2),
+                    switch_point: Lsn(0x900_0028)
+                },
             ]
         );
+        assert_eq!(h.start(), Lsn(0x900_0028));
+        // Comments, blank lines, spaces instead of tabs, no reason.
+        let h = TimelineHistory::parse(TimelineId(2), b"# comment\n  \n 1 16/B374D848\n")
+            .expect("history");
+        assert_eq!(h.start(), Lsn(0x16_B374_D848));
+        // No ancestors.
+        let h = TimelineHistory::parse(TimelineId(2), b"").expect("empty");
+        assert_eq!(h.start(), Lsn::INVALID);
+    }
+
+    #[test]
+    fn positions_on_a_path() {
+        let text = b"1\t0/3000158\tno recovery target specified\n\n\
+                     2\t0/5000000\tbefore 2026-11-30 04:30:12.5+00\n";
+        let h = TimelineHistory::parse(TimelineId(3), text).expect("valid history");
         assert_eq!(h.start_of(TimelineId(1)), Some(Lsn(0)));
         assert_eq!(h.start_of(TimelineId(2)), Some(Lsn(0x300_0158)));
         assert_eq!(h.start_of(TimelineId(3)), Some(Lsn(0x500_0000)));
@@ -183,40 +187,57 @@ mod tests {
         assert_eq!(h.timeline_at(Lsn(0x300_0157)), TimelineId(1));
         assert_eq!(h.timeline_at(Lsn(0x300_0158)), TimelineId(2));
         assert_eq!(h.timeline_at(Lsn(0x900_0000)), TimelineId(3));
-    }
-
-    #[test]
-    fn comments_and_the_root_timeline() {
-        let h = TimelineHistory::parse(TimelineId(2), "# a comment\n1\t0/16B3748\tpromoted\n")
-            .expect("valid history");
-        assert_eq!(h.ancestors().len(), 1);
         let root = TimelineHistory::root(TimelineId(1));
         assert!(root.reaches(TimelineId(1), Lsn(7)));
         assert_eq!(root.start_of(TimelineId(1)), Some(Lsn(0)));
     }
 
     #[test]
-    fn refuses_what_postgresql_would_not_write() {
-        for bad in [
-            "",
-            "x\t0/1\treason\n",
-            "1\n",
-            "1\tnot-an-lsn\treason\n",
-            "2\t0/1\tr\n1\t0/2\tr\n",
-            "1\t0/5\tr\n2\t0/4\tr\n",
-            "3\t0/5\tr\n",
-        ] {
-            assert!(
-                TimelineHistory::parse(TimelineId(3), bad).is_err(),
-                "{bad:?} was accepted"
-            );
-        }
+    fn rejects_what_postgresql_rejects() {
+        let problem = |tli: u32, text: &[u8]| match TimelineHistory::parse(TimelineId(tli), text) {
+            Err(PgError::InvalidHistory { line, problem, .. }) => (line, problem),
+            other => panic!("{text:?}: {other:?}"),
+        };
+        assert_eq!(problem(2, b"x\t0/1\n"), (1, HistoryProblem::BadTimeline));
+        assert_eq!(problem(2, b"1\n"), (1, HistoryProblem::BadSwitchPoint));
+        assert_eq!(problem(2, b"1\t0-1\n"), (1, HistoryProblem::BadSwitchPoint));
+        assert_eq!(
+            problem(4, b"2\t0/1\n\n2\t0/2\n"),
+            (3, HistoryProblem::NotIncreasing)
+        );
+        assert_eq!(
+            problem(2, b"2\t0/1\n"),
+            (1, HistoryProblem::NotBelowTimeline)
+        );
+        assert_eq!(problem(2, b"1\t0/1\xff\n"), (0, HistoryProblem::NotText));
+        // The message names the file and the line, not its contents.
+        let e = TimelineHistory::parse(TimelineId(2), b"secret\t0/1\n").expect_err("bad");
+        assert!(e.to_string().contains("00000002.history"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 
-    proptest::proptest! {
+    proptest! {
         #[test]
-        fn any_text_gives_a_value_or_an_error(text in ".{0,200}", tli in 1u32..10) {
-            let _ = TimelineHistory::parse(TimelineId(tli), &text);
+        fn any_bytes_give_a_history_or_an_error(
+            tli in 1u32..,
+            data in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let _ = TimelineHistory::parse(TimelineId(tli), &data);
+        }
+
+        #[test]
+        fn written_histories_read_back(
+            points in proptest::collection::vec(any::<u64>(), 0..6),
+        ) {
+            let mut text = String::new();
+            for (i, p) in points.iter().enumerate() {
+                text.push_str(&format!("{}\t{}\treason {i}\n", i + 1, Lsn(*p)));
+            }
+            let tli = TimelineId(u32::try_from(points.len()).unwrap_or(u32::MAX) + 1);
+            let h = TimelineHistory::parse(tli, text.as_bytes()).expect("history");
+            let got: Vec<u64> = h.entries().iter().map(|e| e.switch_point.0).collect();
+            prop_assert_eq!(&got, &points);
+            prop_assert_eq!(h.start(), points.last().map_or(Lsn::INVALID, |p| Lsn(*p)));
         }
     }
 }

@@ -10,11 +10,11 @@
 //!   arithmetic (`XLogRecPtr`, `XLByteToSeg`, `XLogSegmentOffset`, ...).
 //! - [`WalFileName`]: the names in `pg_wal` that `archive_command` receives and
 //!   `restore_command` is asked for (`XLogFileName`, `XLogFromFileName`, `IsXLogFileName`, ...).
+//! - [`TimelineHistory`]: a timeline history file, where a timeline branched off its ancestors
+//!   (`readTimeLineHistory`).
 //! - [`parse_long_page_header`], [`check_segment_header`]: the header of a segment's first page
 //!   (`XLogLongPageHeaderData`), checked against the file's name before a segment is archived
 //!   or handed back to PostgreSQL.
-//!
-//! - [`TimelineHistory`]: a timeline's ancestors and switch points (`readTimeLineHistory`).
 //!
 //! What it does not do: read files, decode WAL records, or know about the repository.
 
@@ -29,7 +29,7 @@ mod walname;
 #[cfg(test)]
 pub(crate) mod corpus;
 
-pub use error::{HeaderProblem, LsnProblem, NameProblem, PgError};
+pub use error::{HeaderProblem, HistoryProblem, LsnProblem, NameProblem, PgError};
 pub use history::{HistoryEntry, TimelineHistory};
 pub use lsn::{Lsn, SegmentNo, TimelineId, WalSegmentSize};
 pub use page::{

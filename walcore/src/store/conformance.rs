@@ -193,6 +193,31 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
         return Err(fail(format!("list gave {listed:?}, expected {want:?}")));
     }
 
+    // The first keys after a position (present or not), in key order, at most as many as asked.
+    let cases: [(String, Option<String>, usize, Vec<String>); 5] = [
+        (prefix.to_string(), None, 2, vec![k("a/one"), k("b/big")]),
+        (
+            prefix.to_string(),
+            Some(k("b/big")),
+            2,
+            vec![k("d/huge"), k("t/long")],
+        ),
+        (prefix.to_string(), Some(k("c")), 1, vec![k("d/huge")]),
+        (prefix.to_string(), Some(k("t/short")), 10, vec![]),
+        (k("t/"), Some(k("t/a")), 10, vec![k("t/long"), k("t/short")]),
+    ];
+    for (under, after, limit, want) in cases {
+        let got = store
+            .list_after(&under, after.as_deref(), limit)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if got != want {
+            return Err(fail(format!(
+                "list_after({under}, {after:?}, {limit}) gave {got:?}, expected {want:?}"
+            )));
+        }
+    }
+
     // Deleting removes an object (its key can be created again); deleting nothing is fine.
     let gone = |e: StoreError| fail(format!("delete: {e}"));
     store.delete(&k("t/short")).await.map_err(gone)?;

@@ -176,6 +176,81 @@ impl LocalStore {
         out.sort();
         Ok(out)
     }
+
+    /// At most `limit` keys under `prefix` that sort after `after` (all of them for `None`), in
+    /// key order; temporary files are skipped. Reads only the directories that can hold such
+    /// keys, in order, and stops at `limit`: the first keys after a position, without listing
+    /// everything under the prefix.
+    pub fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let dir = prefix.trim_end_matches('/');
+        self.list_after_in(dir, after, limit, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`list_after`](Self::list_after) below the directory of key prefix `dir`.
+    fn list_after_in(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        limit: usize,
+        out: &mut Vec<String>,
+    ) -> Result<(), StoreError> {
+        let entries = match fs::read_dir(self.path(dir)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error(e)),
+        };
+        // Sorted as their keys sort: the keys inside directory `d` all start with `d/`, which
+        // sorts after a sibling file `d.x` although the name `d` sorts before it.
+        let mut children: Vec<(String, bool)> = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error)?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let key = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            if entry.file_type().map_err(io_error)?.is_dir() {
+                children.push((format!("{key}/"), true));
+            } else {
+                children.push((key, false));
+            }
+        }
+        children.sort();
+        for (key, is_dir) in children {
+            if out.len() >= limit {
+                break;
+            }
+            if !is_dir {
+                if after.is_none_or(|a| key.as_str() > a) {
+                    out.push(key);
+                }
+                continue;
+            }
+            // Every key below holds `key` (with its slash) as a prefix: all of them sort after
+            // `after` when `key` does, none does when `key` sorts before `after` without being
+            // a prefix of it; otherwise `after` lies inside.
+            let below = match after {
+                Some(a) if a.starts_with(&key) => Some(a),
+                Some(a) if key.as_str() <= a => continue,
+                _ => None,
+            };
+            self.list_after_in(key.trim_end_matches('/'), below, limit, out)?;
+        }
+        Ok(())
+    }
 }
 
 /// A failed create-only write: the store failed, or the producer of the bytes did.
@@ -260,6 +335,65 @@ mod tests {
         // No temporary files are left behind.
         let names: Vec<_> = fs::read_dir(dir.path().join("a/b")).expect("dir").collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn list_after_gives_the_first_keys_after_a_position_in_key_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().to_path_buf());
+        let keys = [
+            "wal/00000001/00000000/000000010000000000000001",
+            "wal/00000001/00000000/000000010000000000000002",
+            "wal/00000001/00000000/000000010000000000000002.00000028.backup",
+            "wal/00000001/00000000/000000010000000000000004",
+            "wal/00000001/00000001/000000010000000100000000",
+            "wal/00000002/00000000/000000020000000000000004",
+            "wal/history/00000002.history",
+            // A directory sorts after a file whose name extends its own.
+            "a/b/c",
+            "a/b.x",
+        ];
+        for k in keys {
+            store
+                .put_create_with(k, |w| w.write_all(b"x"))
+                .map_err(|e| format!("{e:?}"))
+                .expect("put");
+        }
+        // A killed writer's temporary file is never listed.
+        fs::write(
+            dir.path().join(format!(
+                "wal/00000001/00000000/{TEMP_PREFIX}000000010000000000000003.00"
+            )),
+            b"half",
+        )
+        .expect("temporary");
+        let after = |prefix: &str, a: Option<&str>, limit: usize| {
+            store.list_after(prefix, a, limit).expect("list_after")
+        };
+        let tl1 = "wal/00000001/";
+        // From the start of a prefix.
+        assert_eq!(after(tl1, None, 1), vec![keys[0].to_string()]);
+        // After an absent key: the next one, across the `.backup` file and into the next
+        // directory as the limit allows.
+        let absent = "wal/00000001/00000000/000000010000000000000003";
+        assert_eq!(after(tl1, Some(absent), 1), vec![keys[3].to_string()]);
+        assert_eq!(
+            after(tl1, Some(absent), 10),
+            vec![keys[3].to_string(), keys[4].to_string()]
+        );
+        // After a present key: its own suffixed names come first.
+        assert_eq!(
+            after(tl1, Some(keys[1]), 2),
+            vec![keys[2].to_string(), keys[3].to_string()]
+        );
+        // Past the last key of the prefix: nothing, not the next timeline's keys.
+        assert!(after(tl1, Some(keys[4]), 10).is_empty());
+        // The same order as `list`.
+        assert_eq!(after("", None, 100), store.list("").expect("list"));
+        assert_eq!(after("a", None, 100), vec!["a/b.x", "a/b/c"]);
+        assert_eq!(after("a", Some("a/b.x"), 100), vec!["a/b/c"]);
+        // An absent prefix holds nothing.
+        assert!(after("wal/00000009/", None, 10).is_empty());
     }
 
     #[test]

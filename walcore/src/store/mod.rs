@@ -246,6 +246,25 @@ impl Store {
         }
     }
 
+    /// At most `limit` keys under `prefix` that sort after `after` (all of them for `None`),
+    /// in key order: the first objects after a position, without listing the whole prefix.
+    pub async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let l = l.clone();
+                let prefix = prefix.to_string();
+                let after = after.map(str::to_string);
+                blocking(move || l.list_after(&prefix, after.as_deref(), limit)).await?
+            }
+            Store::Remote(r) => r.list_after(prefix, after, limit).await,
+        }
+    }
+
     /// Writes an object create-only. `produce` runs on a blocking thread and writes the bytes;
     /// the call returns once the store has acknowledged the whole object (for a file system:
     /// data and directory fsynced), or reports that the key already existed.

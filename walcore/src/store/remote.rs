@@ -308,6 +308,34 @@ impl RemoteStore {
     }
 }
 
+impl RemoteStore {
+    /// At most `limit` keys under `prefix` that sort after `after` (all for `None`), in key
+    /// order. The store starts the listing after `after` itself (`start-after` on S3 and GCS,
+    /// `startFrom` on Azure), and pages are only requested as the keys are consumed: one
+    /// request for a limit within a page.
+    pub async fn list_after(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = Path::from(prefix.trim_end_matches('/'));
+        let mut stream = match after {
+            Some(a) => self.inner.list_with_offset(Some(&prefix), &Path::from(a)),
+            None => self.inner.list(Some(&prefix)),
+        };
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(meta) = stream.next().await else {
+                break;
+            };
+            progress::tick();
+            out.push(meta.map_err(map_error)?.location.to_string());
+        }
+        Ok(out)
+    }
+}
+
 pub(super) fn map_error(e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound,

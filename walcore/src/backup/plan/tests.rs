@@ -128,7 +128,7 @@ fn the_backup_must_lie_on_the_target_timelines_history() {
     // Timeline 2 left timeline 1 at 0/4800000: the second backup (on timeline 1, stopped at
     // 0/5000000) is on a branch that timeline 2 never saw.
     let mut f = facts(two_backups());
-    let history = TimelineHistory::parse(TimelineId(2), "1\t0/4800000\tpromoted\n").expect("h");
+    let history = TimelineHistory::parse(TimelineId(2), b"1\t0/4800000\tpromoted\n").expect("h");
     f.histories.insert(TimelineId(2), history);
     let p = plan(&f, &request(Target::End)).expect("plan");
     assert_eq!(p.path.timeline(), TimelineId(2));
@@ -330,7 +330,7 @@ fn the_plan_prints_what_it_will_do() {
     let mut f = facts(two_backups());
     f.histories.insert(
         TimelineId(2),
-        TimelineHistory::parse(TimelineId(2), "1\t0/6000000\tpromoted\n").expect("h"),
+        TimelineHistory::parse(TimelineId(2), b"1\t0/6000000\tpromoted\n").expect("h"),
     );
     let text = plan(&f, &request(Target::End)).expect("plan").to_string();
     for expected in [
