@@ -172,7 +172,9 @@ impl Store {
     }
 
     /// Opens an object for streaming reads from a blocking thread. `NotFound` is decided before
-    /// any byte is read. Must be called inside a tokio runtime.
+    /// any byte is read. From a cloud store, a body cut mid-stream is resumed from the next
+    /// byte of the same object while bytes keep arriving (`RemoteStore::get_stream`); memory
+    /// stays bounded by a few pieces in flight. Must be called inside a tokio runtime.
     pub async fn open_reader(&self, key: &str) -> Result<Box<dyn Read + Send>, StoreError> {
         match self {
             Store::Local(l) => {
