@@ -16,8 +16,9 @@
 //! - cut responses after a number of bytes, for the next few requests naming a needle
 //!   ([`FaultProxy::cut`]), optionally running a hook (replacing the object, say) before the
 //!   connection is closed: a download interrupted mid-body;
-//! - throttle every response to a number of bytes per second ([`FaultProxy::throttle`]): a slow
-//!   link, on which a large object takes longer to arrive than any single-request time limit.
+//! - throttle every connection, each way, to a number of bytes per second
+//!   ([`FaultProxy::throttle`]): a slow link, on which a large object takes longer to move than
+//!   any single-request time limit.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -191,7 +192,8 @@ impl FaultProxy {
         self.lock().cuts
     }
 
-    /// Send every response at most `bytes_per_second` (`None`: as fast as it comes).
+    /// Move every request and response body at most `bytes_per_second`, each connection and
+    /// direction on its own (`None`: as fast as it comes).
     pub fn throttle(&self, bytes_per_second: Option<u64>) {
         self.lock().throttle = bytes_per_second;
     }
@@ -335,7 +337,7 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::i
     let mut client_r = client.try_clone()?;
     let mut up_w = up.try_clone()?;
     let pump = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut client_r, &mut up_w);
+        relay(&mut client_r, &mut up_w, None, throttle);
         let _ = up_w.shutdown(Shutdown::Write);
     });
     let cut = relay(&mut up, &mut client, cut_after, throttle);
@@ -361,11 +363,12 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::i
     Ok(())
 }
 
-/// Copies the upstream's response to the client, at most `throttle` bytes per second, and at
-/// most `cut_after` bytes. Returns whether the response was cut short.
+/// Copies one direction of a connection (the upstream's response to the client, or the rest of
+/// the request to the upstream), at most `throttle` bytes per second, and at most `cut_after`
+/// bytes. Returns whether the copy was cut short.
 fn relay(
-    up: &mut TcpStream,
-    client: &mut TcpStream,
+    from: &mut TcpStream,
+    to: &mut TcpStream,
     cut_after: Option<u64>,
     throttle: Option<u64>,
 ) -> bool {
@@ -382,11 +385,11 @@ fn relay(
             }
             want = want.min(usize::try_from(left).unwrap_or(usize::MAX));
         }
-        let n = match up.read(&mut buf[..want]) {
+        let n = match from.read(&mut buf[..want]) {
             Ok(0) | Err(_) => return false,
             Ok(n) => n,
         };
-        if client.write_all(&buf[..n]).is_err() {
+        if to.write_all(&buf[..n]).is_err() {
             return false;
         }
         sent += n as u64;

@@ -257,10 +257,14 @@ fn assert_no_upload_left(addr: SocketAddr, bucket: &str, what: &str) {
 }
 
 /// A store reaching moto through `proxy`, as an embedding program would open it.
-fn store_through(proxy: &FaultProxy, bucket: &str) -> walcore::store::Store {
+fn store_through(
+    proxy: &FaultProxy,
+    bucket: &str,
+    request_timeout: Duration,
+) -> walcore::store::Store {
     let options = walcore::store::StoreOptions {
         retry_time: Duration::from_secs(3),
-        request_timeout: Duration::from_secs(5),
+        request_timeout,
         cloud_options: vec![
             ("aws_endpoint".into(), proxy.endpoint()),
             ("aws_allow_http".into(), "true".into()),
@@ -311,7 +315,7 @@ fn failed_multipart_uploads_are_aborted_and_report_the_store_error() {
     let moto = Moto::shared();
     let bucket = moto.create_bucket();
     let proxy = FaultProxy::start(moto.addr());
-    let store = store_through(&proxy, &bucket);
+    let store = store_through(&proxy, &bucket, Duration::from_secs(5));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let key = "backup/b1/data/base.tar";
 
@@ -369,4 +373,44 @@ fn failed_multipart_uploads_are_aborted_and_report_the_store_error() {
         .expect("a clean upload");
     assert_eq!(outcome, walcore::store::PutOutcome::Created);
     assert_no_upload_left(moto.addr(), &bucket, "a completed upload");
+}
+
+/// A multipart upload that takes longer in total than the request limit, on a link where each
+/// part takes well under it, completes: the limit bounds each request, not the whole upload.
+#[test]
+fn multipart_upload_longer_than_the_request_limit_completes() {
+    if !moto::s3_enabled("downloads::multipart_upload_longer_than_the_request_limit_completes") {
+        return;
+    }
+    let moto = Moto::shared();
+    let bucket = moto.create_bucket();
+    let proxy = FaultProxy::start(moto.addr());
+    // 8 MiB parts at 6 MiB/s: about 1.3 s each, four at a time; 96 MiB in about 4 s.
+    proxy.throttle(Some(6 << 20));
+    let limit = Duration::from_secs(3);
+    let store = store_through(&proxy, &bucket, limit);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let key = "backup/b2/data/base.tar";
+    let started = Instant::now();
+    let outcome = rt
+        .block_on(put_large(&store, key, 96, false))
+        .unwrap_or_else(|e| {
+            panic!(
+                "a slow 96 MiB upload failed after {:?}: {e:#}",
+                started.elapsed()
+            )
+        });
+    let took = started.elapsed();
+    assert_eq!(outcome, walcore::store::PutOutcome::Created);
+    assert!(
+        took > limit,
+        "the upload took only {took:?}: the link is not slow enough to mean anything"
+    );
+    let size = rt
+        .block_on(store.head(key))
+        .expect("head")
+        .expect("the object is stored");
+    assert_eq!(size, 96 << 20);
+    assert_no_upload_left(moto.addr(), &bucket, "a completed slow upload");
+    eprintln!("uploaded 96 MiB in {took:?} with a {limit:?} request limit");
 }
