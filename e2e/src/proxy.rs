@@ -9,6 +9,16 @@
 //! [`Fault::Stall`] holds each faulted connection open without answering until the proxy is
 //! disarmed, re-armed or dropped; the connection's thread sleeps on a condition variable
 //! meanwhile.
+//!
+//! Besides that sticky fault, which does not outlive its arming, the proxy can:
+//! - answer only the requests whose line contains a needle with a fault, each of them and no
+//!   other ([`FaultProxy::fail_each`]): a store refusing part uploads while everything else works;
+//! - cut responses after a number of bytes, for the next few requests naming a needle
+//!   ([`FaultProxy::cut`]), optionally running a hook (replacing the object, say) before the
+//!   connection is closed: a download interrupted mid-body;
+//! - throttle every connection, each way, to a number of bytes per second
+//!   ([`FaultProxy::throttle`]): a slow link, on which a large object takes longer to move than
+//!   any single-request time limit.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -30,9 +40,39 @@ pub enum Fault {
     Stall,
 }
 
+/// Runs in the proxy when a response is cut, before the client's connection is closed.
+pub type CutHook = Box<dyn FnMut() + Send>;
+
+/// Responses to cut: the next `times` requests whose line contains `needle` get at most
+/// `after` bytes of their response (head included), then the connection is closed.
+struct CutRule {
+    needle: String,
+    after: u64,
+    times: u32,
+    hook: Option<CutHook>,
+}
+
+impl std::fmt::Debug for CutRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CutRule")
+            .field("needle", &self.needle)
+            .field("after", &self.after)
+            .field("times", &self.times)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     armed: Option<(String, Fault)>,
+    /// Faults for every request naming a needle, and for no other (see `fail_each`).
+    each: Vec<(String, Fault)>,
+    cut: Option<CutRule>,
+    /// Responses cut so far.
+    cuts: u64,
+    /// Bytes per second of every response, when set.
+    throttle: Option<u64>,
     tripped: bool,
     faulted: u64,
     request_lines: Vec<String>,
@@ -117,8 +157,45 @@ impl FaultProxy {
     pub fn disarm(&self) {
         let mut s = self.lock();
         s.armed = None;
+        s.each.clear();
+        s.cut = None;
         s.tripped = false;
         self.shared.bump(&mut s);
+    }
+
+    /// Answer every request whose line contains `needle` with `fault` (not sticky: other
+    /// requests are served). Adds to the needles given before; [`FaultProxy::disarm`] clears
+    /// them.
+    pub fn fail_each(&self, needle: &str, fault: Fault) {
+        self.lock().each.push((needle.to_string(), fault));
+    }
+
+    /// Cut the responses to the next `times` requests whose line contains `needle` after
+    /// `after` bytes (head included): the client sees the connection close mid-body.
+    pub fn cut(&self, needle: &str, after: u64, times: u32) {
+        self.cut_then(needle, after, times, None);
+    }
+
+    /// Like [`FaultProxy::cut`], running `hook` in the proxy after each cut, before the client's
+    /// connection is closed (so the client cannot ask again before the hook is done).
+    pub fn cut_then(&self, needle: &str, after: u64, times: u32, hook: Option<CutHook>) {
+        self.lock().cut = Some(CutRule {
+            needle: needle.to_string(),
+            after,
+            times,
+            hook,
+        });
+    }
+
+    /// How many responses were cut so far.
+    pub fn cuts(&self) -> u64 {
+        self.lock().cuts
+    }
+
+    /// Move every request and response body at most `bytes_per_second`, each connection and
+    /// direction on its own (`None`: as fast as it comes).
+    pub fn throttle(&self, bytes_per_second: Option<u64>) {
+        self.lock().throttle = bytes_per_second;
     }
 
     /// How many requests got the fault so far.
@@ -169,10 +246,25 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::i
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let request_line = head.lines().next().unwrap_or("").to_string();
 
-    let (fault, epoch) = {
+    let (fault, epoch, cut_after, throttle) = {
         let mut s = shared.lock();
         s.request_lines.push(request_line.clone());
-        let fault = if let Some((needle, fault)) = &s.armed {
+        let each = s
+            .each
+            .iter()
+            .find(|(needle, _)| request_line.contains(needle.as_str()))
+            .map(|(_, f)| *f);
+        let cut_after = match &mut s.cut {
+            Some(rule) if rule.times > 0 && request_line.contains(rule.needle.as_str()) => {
+                rule.times -= 1;
+                Some(rule.after)
+            }
+            _ => None,
+        };
+        let fault = if let Some(f) = each {
+            s.faulted += 1;
+            Some(f)
+        } else if let Some((needle, fault)) = &s.armed {
             let fault = *fault;
             if s.tripped || request_line.contains(needle.as_str()) {
                 s.tripped = true;
@@ -184,7 +276,7 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::i
         } else {
             None
         };
-        (fault, s.epoch)
+        (fault, s.epoch, cut_after, s.throttle)
     };
     match fault {
         Some(Fault::Stall) => {
@@ -245,12 +337,67 @@ fn serve(mut client: TcpStream, upstream: SocketAddr, shared: &Shared) -> std::i
     let mut client_r = client.try_clone()?;
     let mut up_w = up.try_clone()?;
     let pump = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut client_r, &mut up_w);
+        relay(&mut client_r, &mut up_w, None, throttle);
         let _ = up_w.shutdown(Shutdown::Write);
     });
-    let _ = std::io::copy(&mut up, &mut client);
+    let cut = relay(&mut up, &mut client, cut_after, throttle);
+    if cut {
+        // Count and run the hook before the client learns of the cut.
+        let hook = {
+            let mut s = shared.lock();
+            s.cuts += 1;
+            s.cut.as_mut().and_then(|r| r.hook.take())
+        };
+        if let Some(mut hook) = hook {
+            hook();
+            if let Some(rule) = shared.lock().cut.as_mut()
+                && rule.hook.is_none()
+            {
+                rule.hook = Some(hook);
+            }
+        }
+    }
     let _ = client.shutdown(Shutdown::Both);
     let _ = up.shutdown(Shutdown::Both);
     let _ = pump.join();
     Ok(())
+}
+
+/// Copies one direction of a connection (the upstream's response to the client, or the rest of
+/// the request to the upstream), at most `throttle` bytes per second, and at most `cut_after`
+/// bytes. Returns whether the copy was cut short.
+fn relay(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    cut_after: Option<u64>,
+    throttle: Option<u64>,
+) -> bool {
+    // Small pieces, so that a throttled response still moves several times a second.
+    let mut buf = [0u8; 16 * 1024];
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    loop {
+        let mut want = buf.len();
+        if let Some(limit) = cut_after {
+            let left = limit.saturating_sub(sent);
+            if left == 0 {
+                return true;
+            }
+            want = want.min(usize::try_from(left).unwrap_or(usize::MAX));
+        }
+        let n = match from.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            return false;
+        }
+        sent += n as u64;
+        if let Some(rate) = throttle.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
 }

@@ -11,7 +11,7 @@
 //! | file holding the key | `WALCORE_ENCRYPTION_KEY_FILE` | |
 //! | command printing the key | `WALCORE_ENCRYPTION_KEY_COMMAND` | |
 //! | retry window for store faults | `WALCORE_RETRY_TIME` | `60s` |
-//! | longest single store request | `WALCORE_REQUEST_TIMEOUT` | `60s` |
+//! | longest a store request may go without progress | `WALCORE_REQUEST_TIMEOUT` | `60s` |
 //! | plaintext bytes per chunk | `WALCORE_CHUNK_SIZE` | `1048576` |
 //! | log level (`error` … `trace`) | `WALCORE_LOG` | `info` |
 //! | a call fails after this long without progress | `WALCORE_PROGRESS_TIMEOUT` | `60s` |

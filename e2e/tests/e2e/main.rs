@@ -8,6 +8,7 @@
 mod archive_matrix;
 mod backup;
 mod backup_failures;
+mod downloads;
 mod faults;
 mod holes;
 mod pitr;

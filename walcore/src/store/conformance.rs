@@ -112,6 +112,13 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
     if read != big {
         return Err(fail("streamed read differs from what was written"));
     }
+    let whole = store
+        .get(&k("b/big"))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if whole[..] != big[..] {
+        return Err(fail("a whole-object read of several pieces differs"));
+    }
 
     // A failing producer leaves no object behind.
     let r = store

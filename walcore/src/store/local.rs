@@ -113,9 +113,9 @@ impl LocalStore {
         // The temporary name goes whatever happened; the object (if linked) stays.
         let _ = fs::remove_file(&temp);
         let (outcome, value) = result?;
-        if outcome == PutOutcome::Created {
-            fsync_dir(&dir).map_err(|e| PutError::Store(io_error(e)))?;
-        }
+        // Also when the key was already there: a writer killed between its link and this sync
+        // leaves an object a crash could still lose, and "already exists" must mean durable.
+        fsync_dir(&dir).map_err(|e| PutError::Store(io_error(e)))?;
         // The key exists now, so every other temporary file for it is useless: a writer that
         // was killed left it, or one still writing will find the key taken either way.
         remove_temporaries_of(&dir, &file_name);
@@ -310,12 +310,44 @@ fn remove_temporaries_of(dir: &Path, file_name: &str) {
 }
 
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    tests::SYNCED_DIRS.with(|d| d.borrow_mut().push(dir.to_path_buf()));
     File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Directories `fsync_dir` synced on this thread (tests run one per thread).
+        pub(super) static SYNCED_DIRS: std::cell::RefCell<Vec<PathBuf>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// A writer killed after linking its object but before syncing the directory leaves an
+    /// object whose name a crash may still lose. The next write of that key finds it there and
+    /// answers "already archived", on which PostgreSQL recycles its segment: the directory
+    /// must be synced before that answer, or a crash loses the segment.
+    #[test]
+    fn already_exists_is_answered_only_once_the_directory_is_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalStore::new(dir.path().to_path_buf());
+        // The killed writer's object: linked, its directory never synced.
+        std::fs::create_dir_all(dir.path().join("wal/x")).expect("mkdir");
+        std::fs::write(dir.path().join("wal/x/seg"), b"one").expect("object");
+        SYNCED_DIRS.with(|d| d.borrow_mut().clear());
+        let (outcome, ()) = store
+            .put_create_with("wal/x/seg", |w| w.write_all(b"one"))
+            .map_err(|e| format!("{e:?}"))
+            .expect("put");
+        assert_eq!(outcome, PutOutcome::AlreadyExists);
+        let synced = SYNCED_DIRS.with(|d| d.borrow().clone());
+        assert!(
+            synced.contains(&dir.path().join("wal/x")),
+            "answered AlreadyExists without syncing the object's directory: synced {synced:?}"
+        );
+    }
 
     #[test]
     fn create_only_never_overwrites() {

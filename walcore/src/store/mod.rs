@@ -5,9 +5,12 @@ pub mod conformance;
 pub mod keys;
 pub mod local;
 pub mod remote;
+mod resume;
 pub mod scan;
 
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +48,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same failure with its message rewritten by `f` (a `NotFound` becomes a permanent
+    /// error: once it needs words, it is about something other than the object asked for).
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> StoreError {
+        match self {
+            StoreError::NotFound => StoreError::Permanent(f("not found".into())),
+            StoreError::Permission(m) => StoreError::Permission(f(m)),
+            StoreError::Unavailable(m) => StoreError::Unavailable(f(m)),
+            StoreError::Permanent(m) => StoreError::Permanent(f(m)),
+            StoreError::Config(m) => StoreError::Config(f(m)),
+        }
+    }
+
     /// The public error for this failure on `key` of `store`.
     pub fn into_error(self, doing: &str, key: &str, store: &str) -> Error {
         let kind = match &self {
@@ -63,7 +78,9 @@ impl StoreError {
 pub struct StoreOptions {
     /// How long transient failures of one request are retried (with backoff and jitter).
     pub retry_time: Duration,
-    /// Longest a single request may take.
+    /// Longest a request may go without progress: from its start to the answer's head (a
+    /// whole upload request: a single `PUT` or one part), and between two pieces of a
+    /// download's body. A download that keeps moving is never cut, however long it takes.
     pub request_timeout: Duration,
     /// Longest a connection attempt may take.
     pub connect_timeout: Duration,
@@ -157,7 +174,9 @@ impl Store {
     }
 
     /// Opens an object for streaming reads from a blocking thread. `NotFound` is decided before
-    /// any byte is read. Must be called inside a tokio runtime.
+    /// any byte is read. From a cloud store, a body cut mid-stream is resumed from the next
+    /// byte of the same object while bytes keep arriving (`RemoteStore::get_stream`); memory
+    /// stays bounded by a few pieces in flight. Must be called inside a tokio runtime.
     pub async fn open_reader(&self, key: &str) -> Result<Box<dyn Read + Send>, StoreError> {
         match self {
             Store::Local(l) => {
@@ -292,10 +311,15 @@ impl Store {
             }
             Store::Remote(r) => {
                 let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(PUT_QUEUE);
+                // Set by the writer when the upload side has gone (it failed on its own): the
+                // producer's failure is then only a consequence.
+                let upload_gone = Arc::new(AtomicBool::new(false));
+                let gone = upload_gone.clone();
                 let producer = tokio::task::spawn_blocking(move || {
                     let mut w = ChannelWriter {
                         tx,
                         buf: Vec::with_capacity(PUT_PIECE),
+                        gone,
                     };
                     let value = produce(&mut w)?;
                     // Only an explicit end lets the upload complete: a producer that fails (or
@@ -309,10 +333,17 @@ impl Store {
                 let value = producer.await.map_err(|e| {
                     Error::new(ErrorKind::Internal, format!("encoder thread failed: {e}"))
                 })?;
-                // A producer failure is the cause when both failed: report it first.
-                let value = value?;
-                let outcome = upload.map_err(|e| e.into_error("writing", key, &store))?;
-                Ok((outcome, value))
+                match (value, upload) {
+                    // The store failed first, and the producer stopped because of it: the store's
+                    // error is the cause.
+                    (Err(_), Err(e)) if upload_gone.load(Ordering::SeqCst) => {
+                        Err(e.into_error("writing", key, &store))
+                    }
+                    // The producer failed first (the upload was abandoned because of it).
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(e.into_error("writing", key, &store)),
+                    (Ok(value), Ok(outcome)) => Ok((outcome, value)),
+                }
             }
         }
     }
@@ -354,6 +385,15 @@ impl Read for ChannelReader {
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Piece>,
     buf: Vec<u8>,
+    /// Set when a send finds the upload gone.
+    gone: Arc<AtomicBool>,
+}
+
+impl ChannelWriter {
+    fn upload_stopped(&self) -> std::io::Error {
+        self.gone.store(true, Ordering::SeqCst);
+        std::io::Error::other("the upload stopped")
+    }
 }
 
 impl ChannelWriter {
@@ -364,7 +404,7 @@ impl ChannelWriter {
         let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PUT_PIECE));
         self.tx
             .blocking_send(Piece::Data(Bytes::from(piece)))
-            .map_err(|_| std::io::Error::other("the upload stopped"))
+            .map_err(|_| self.upload_stopped())
     }
 }
 
@@ -388,7 +428,7 @@ impl ChannelWriter {
         self.send_buf()?;
         self.tx
             .blocking_send(Piece::End)
-            .map_err(|_| std::io::Error::other("the upload stopped"))
+            .map_err(|_| self.upload_stopped())
     }
 }
 

@@ -3,20 +3,22 @@
 //! variables each cloud's own tools read (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
 
 use std::sync::{Arc, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{
-    BackoffConfig, ClientConfigKey, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
-    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, MultipartUpload, ObjectStore,
+    ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 
+use super::resume::Resume;
 use super::{Piece, PutOutcome, StoreError, StoreOptions};
 use crate::progress;
 
@@ -24,13 +26,23 @@ use crate::progress;
 /// ones as a multipart upload, which stores cannot make create-only (see `put_stream`). A
 /// 16 MiB WAL segment, even incompressible, stays below it.
 pub const SINGLE_PUT_MAX: usize = 24 * 1024 * 1024;
-/// Part size of multipart uploads (S3 requires at least 5 MiB but for the last part).
+/// Part size of multipart uploads (S3 requires at least 5 MiB but for the last part). Every
+/// part but the last has exactly this size (some S3-compatible stores require equal parts).
 const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts of one multipart upload in flight at once: with the part being filled, bounds an
+/// upload's memory to five parts (40 MiB) while keeping several requests busy.
+const PARTS_IN_FLIGHT: usize = 4;
+/// The HTTP client's limit on a whole request, body included. Large objects take as long as
+/// they take: what is bounded is the time without progress (`read_timeout`, set to
+/// `WALCORE_REQUEST_TIMEOUT`), so this only has to be longer than any transfer.
+const WHOLE_REQUEST_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct RemoteStore {
     inner: Arc<dyn ObjectStore>,
     url: String,
+    /// How long a cut download may try to resume after its last byte (`WALCORE_RETRY_TIME`).
+    retry_time: Duration,
 }
 
 static CRYPTO_PROVIDER: Once = Once::new();
@@ -78,62 +90,64 @@ impl RemoteStore {
             max_retries: 100,
             retry_timeout: options.retry_time,
         };
-        let timeout = duration_text(options.request_timeout);
-        let connect = duration_text(options.connect_timeout);
+        // Time limits, the same for every cloud. `WALCORE_REQUEST_TIMEOUT` bounds time without
+        // progress: reqwest's read timeout runs from the start of a request to its answer's
+        // head (so a whole upload request, a part or a single PUT, is bounded by it), then
+        // restarts with every piece of the body that arrives (so a download that keeps moving
+        // is never cut by it, however long it takes).
+        let limits = [
+            (ClientConfigKey::Timeout, duration_text(WHOLE_REQUEST_LIMIT)),
+            (
+                ClientConfigKey::ReadTimeout,
+                duration_text(options.request_timeout),
+            ),
+            (
+                ClientConfigKey::ConnectTimeout,
+                duration_text(options.connect_timeout),
+            ),
+        ];
         let bucket_url = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default());
         let err = |e: object_store::Error| StoreError::Config(format!("{url}: {e}"));
         let store: Arc<dyn ObjectStore> = match url.scheme() {
-            "s3" | "s3a" => Arc::new(
-                with_options::<AmazonS3ConfigKey, _>(
+            "s3" | "s3a" => {
+                let b = with_options::<AmazonS3ConfigKey, _>(
                     AmazonS3Builder::from_env(),
                     options,
                     |b, k, v| b.with_config(k, v),
                 )?
                 .with_url(bucket_url.as_str())
-                .with_retry(retry)
-                .with_config(
-                    AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                    &timeout,
-                )
-                .with_config(
-                    AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    &connect,
-                )
-                .build()
-                .map_err(err)?,
-            ),
-            "gs" => Arc::new(
-                with_options::<GoogleConfigKey, _>(
+                .with_retry(retry);
+                let b = limits.iter().fold(b, |b, (k, v)| {
+                    b.with_config(AmazonS3ConfigKey::Client(*k), v)
+                });
+                Arc::new(b.build().map_err(err)?)
+            }
+            "gs" => {
+                let b = with_options::<GoogleConfigKey, _>(
                     GoogleCloudStorageBuilder::from_env(),
                     options,
                     |b, k, v| b.with_config(k, v),
                 )?
                 .with_url(bucket_url.as_str())
-                .with_retry(retry)
-                .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), &timeout)
-                .with_config(
-                    GoogleConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    &connect,
-                )
-                .build()
-                .map_err(err)?,
-            ),
-            "az" | "azure" | "abfs" | "abfss" => Arc::new(
-                with_options::<AzureConfigKey, _>(
+                .with_retry(retry);
+                let b = limits
+                    .iter()
+                    .fold(b, |b, (k, v)| b.with_config(GoogleConfigKey::Client(*k), v));
+                Arc::new(b.build().map_err(err)?)
+            }
+            "az" | "azure" | "abfs" | "abfss" => {
+                let b = with_options::<AzureConfigKey, _>(
                     MicrosoftAzureBuilder::from_env(),
                     options,
                     |b, k, v| b.with_config(k, v),
                 )?
                 .with_url(bucket_url.as_str())
-                .with_retry(retry)
-                .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout)
-                .with_config(
-                    AzureConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                    &connect,
-                )
-                .build()
-                .map_err(err)?,
-            ),
+                .with_retry(retry);
+                let b = limits
+                    .iter()
+                    .fold(b, |b, (k, v)| b.with_config(AzureConfigKey::Client(*k), v));
+                Arc::new(b.build().map_err(err)?)
+            }
             other => {
                 return Err(StoreError::Config(format!(
                     "unsupported repository URL scheme '{other}' (use file://, s3://, gs:// or az://)"
@@ -149,6 +163,7 @@ impl RemoteStore {
         Ok(RemoteStore {
             inner,
             url: url.to_string(),
+            retry_time: options.retry_time,
         })
     }
 
@@ -162,27 +177,43 @@ impl RemoteStore {
     }
 
     /// The whole object as a stream of byte pieces. `NotFound` is decided here, before any byte.
+    ///
+    /// A body cut mid-stream is resumed from the next byte of the same object (see
+    /// `store/resume.rs`) for as long as bytes keep arriving within the retry window; only a
+    /// download that stops moving ends with an error. An object that disappears or changes
+    /// while it is read is an error, never `NotFound` and never a splice.
     pub async fn get_stream(
         &self,
         key: &str,
-    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
-        let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let path = Path::from(key);
+        let result = self
+            .inner
+            .get_opts(&path, GetOptions::default())
+            .await
+            .map_err(map_error)?;
         progress::tick();
-        Ok(result
-            .into_stream()
-            .map(|r| {
-                progress::tick();
-                r.map_err(map_error)
-            })
-            .boxed())
+        let state = Resume::new(key, &result.meta, self.retry_time, Instant::now());
+        let download = Download {
+            inner: self.inner.clone(),
+            path,
+            state,
+            body: Some(result.into_stream()),
+        };
+        Ok(futures::stream::unfold(download, |mut d| async move {
+            d.next_piece().await.map(|piece| (piece, d))
+        })
+        .boxed())
     }
 
+    /// Reads a whole (small) object, resuming a cut body like [`RemoteStore::get_stream`].
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let result = self.inner.get(&Path::from(key)).await.map_err(map_error)?;
-        progress::tick();
-        let bytes = result.bytes().await.map_err(map_error)?;
-        progress::tick();
-        Ok(bytes)
+        let mut stream = self.get_stream(key).await?;
+        let mut out = bytes::BytesMut::new();
+        while let Some(piece) = stream.next().await {
+            out.extend_from_slice(&piece?);
+        }
+        Ok(out.freeze())
     }
 
     /// The last `n` bytes of an object (all of it if it is shorter).
@@ -270,28 +301,27 @@ impl RemoteStore {
             return Ok(PutOutcome::AlreadyExists);
         }
         let upload = self.inner.put_multipart(&path).await.map_err(map_error)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        for piece in buffered {
-            writer.put(piece);
-        }
-        loop {
-            match pieces.recv().await {
-                Some(Piece::Data(piece)) => {
-                    writer.wait_for_capacity(4).await.map_err(map_error)?;
-                    progress::tick();
-                    writer.put(piece);
-                }
-                Some(Piece::End) => break,
-                None => {
-                    // Abort, so the uploaded parts do not linger (and cost) in the store.
-                    let _ = writer.abort().await;
-                    return Err(abandoned());
+        progress::tick();
+        let mut upload = Multipart::new(key, upload);
+        let sent = async {
+            for piece in buffered {
+                upload.push(piece).await?;
+            }
+            loop {
+                match pieces.recv().await {
+                    Some(Piece::Data(piece)) => upload.push(piece).await?,
+                    Some(Piece::End) => return upload.complete().await,
+                    None => return Err(abandoned()),
                 }
             }
         }
-        writer.finish().await.map_err(map_error)?;
-        progress::tick();
-        Ok(PutOutcome::Created)
+        .await;
+        match sent {
+            Ok(()) => Ok(PutOutcome::Created),
+            // Abort, so the uploaded parts do not linger (and cost) in the store; the error that
+            // stopped the upload is the one to report.
+            Err(e) => Err(upload.abort(e).await),
+        }
     }
 
     /// Keys under a prefix, sorted.
@@ -334,6 +364,233 @@ impl RemoteStore {
         }
         Ok(out)
     }
+}
+
+/// A download in progress: the body being read, and what it takes to resume it.
+struct Download {
+    inner: Arc<dyn ObjectStore>,
+    path: Path,
+    state: Resume,
+    /// `None` once the download ended (completely or with an error).
+    body: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+}
+
+impl Download {
+    /// The next piece of the object; `None` at its end.
+    async fn next_piece(&mut self) -> Option<Result<Bytes, StoreError>> {
+        loop {
+            let body = self.body.as_mut()?;
+            let cause = match body.next().await {
+                Some(Ok(piece)) => {
+                    if let Err(e) = self.state.progressed(piece.len(), Instant::now()) {
+                        self.body = None;
+                        return Some(Err(e));
+                    }
+                    if piece.is_empty() {
+                        continue;
+                    }
+                    progress::tick();
+                    return Some(Ok(piece));
+                }
+                None if self.state.complete() => {
+                    self.body = None;
+                    return None;
+                }
+                None => format!(
+                    "the body ended after byte {} of {}",
+                    self.state.offset(),
+                    self.state.size()
+                ),
+                Some(Err(e)) => e.to_string(),
+            };
+            self.body = None;
+            if let Err(e) = self.resume(cause).await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Asks for the rest of the object until an answer comes from the same object, or the
+    /// retry window since the last progress is over.
+    async fn resume(&mut self, mut cause: String) -> Result<(), StoreError> {
+        loop {
+            let wait = self.state.after_cut(Instant::now(), &cause)?;
+            tracing::warn!(
+                key = %self.path,
+                at = self.state.offset(),
+                of = self.state.size(),
+                cause = %cause,
+                "download cut; resuming in {:.1}s",
+                wait.as_secs_f64()
+            );
+            tokio::time::sleep(wait).await;
+            let limit = self.state.time_left(Instant::now());
+            let answer =
+                tokio::time::timeout(limit, self.inner.get_opts(&self.path, self.state.options()))
+                    .await;
+            match answer {
+                Err(_) => cause = format!("no answer to the resumed request in {limit:?}"),
+                Ok(Ok(result)) => {
+                    progress::tick();
+                    self.state.check(&result.meta, result.range.start)?;
+                    tracing::info!(
+                        key = %self.path,
+                        at = self.state.offset(),
+                        resumed = self.state.resumed(),
+                        "download resumed"
+                    );
+                    self.body = Some(result.into_stream());
+                    return Ok(());
+                }
+                Ok(Err(
+                    e @ (object_store::Error::Precondition { .. }
+                    | object_store::Error::NotModified { .. }
+                    | object_store::Error::NotFound { .. }),
+                )) => {
+                    progress::tick();
+                    return Err(self.state.replaced(&e.to_string()));
+                }
+                Ok(Err(e @ object_store::Error::Generic { .. })) => cause = e.to_string(),
+                Ok(Err(e)) => return Err(map_error(e)),
+            }
+        }
+    }
+}
+
+/// A multipart upload in progress: the part being filled and the parts in flight. Aborted
+/// unless completed: by [`Multipart::abort`] on an error, or on drop (a cancelled upload) by
+/// a task spawned on the runtime, as far as the runtime lives to run it.
+struct Multipart {
+    key: String,
+    /// `None` once completed or aborted.
+    upload: Option<Box<dyn MultipartUpload>>,
+    parts: tokio::task::JoinSet<object_store::Result<()>>,
+    filling: Vec<Bytes>,
+    filled: usize,
+    sent: usize,
+}
+
+impl Multipart {
+    fn new(key: &str, upload: Box<dyn MultipartUpload>) -> Multipart {
+        Multipart {
+            key: key.to_string(),
+            upload: Some(upload),
+            parts: tokio::task::JoinSet::new(),
+            filling: Vec::new(),
+            filled: 0,
+            sent: 0,
+        }
+    }
+
+    /// Adds bytes; sends each part as soon as it is full, waiting while too many are in flight.
+    async fn push(&mut self, mut piece: Bytes) -> Result<(), StoreError> {
+        while !piece.is_empty() {
+            let take = piece.split_to((PART_SIZE - self.filled).min(piece.len()));
+            self.filled += take.len();
+            self.filling.push(take);
+            if self.filled == PART_SIZE {
+                self.send_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_part(&mut self) -> Result<(), StoreError> {
+        while self.parts.len() >= PARTS_IN_FLIGHT {
+            self.join_part().await?;
+        }
+        let payload = PutPayload::from_iter(std::mem::take(&mut self.filling));
+        self.filled = 0;
+        self.sent += 1;
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(ended(&self.key));
+        };
+        self.parts.spawn(upload.put_part(payload));
+        Ok(())
+    }
+
+    /// Waits for one part in flight to be stored.
+    async fn join_part(&mut self) -> Result<(), StoreError> {
+        match self.parts.join_next().await {
+            None | Some(Ok(Ok(()))) => {
+                progress::tick();
+                Ok(())
+            }
+            Some(Ok(Err(e))) => Err(prefix(map_error(e), "uploading a part: ")),
+            Some(Err(e)) => Err(StoreError::Permanent(format!(
+                "uploading a part: the task failed: {e}"
+            ))),
+        }
+    }
+
+    /// Sends the last part, waits for every part, and completes the upload.
+    async fn complete(&mut self) -> Result<(), StoreError> {
+        if self.filled > 0 || self.sent == 0 {
+            self.send_part().await?;
+        }
+        while !self.parts.is_empty() {
+            self.join_part().await?;
+        }
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(ended(&self.key));
+        };
+        let answer = upload.complete().await;
+        progress::tick_unless_failed(&answer);
+        answer
+            .map(|_| {
+                self.upload = None;
+            })
+            .map_err(|e| prefix(map_error(e), "completing the multipart upload: "))
+    }
+
+    /// Aborts the upload after `cause` stopped it; returns `cause`, saying whether the abort
+    /// worked (parts of an upload that could not be aborted stay in the store, billed, until a
+    /// lifecycle rule removes them).
+    async fn abort(&mut self, cause: StoreError) -> StoreError {
+        self.parts.shutdown().await;
+        let Some(mut upload) = self.upload.take() else {
+            return cause;
+        };
+        match upload.abort().await {
+            Ok(()) => suffix(cause, "; the multipart upload was aborted"),
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "aborting a multipart upload failed");
+                suffix(
+                    cause,
+                    &format!(
+                        "; aborting the multipart upload failed too ({e}): its parts may stay                          in the store until a lifecycle rule removes incomplete uploads"
+                    ),
+                )
+            }
+        }
+    }
+}
+
+fn ended(key: &str) -> StoreError {
+    StoreError::Permanent(format!("the multipart upload of {key} has ended"))
+}
+
+impl Drop for Multipart {
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.upload.take() {
+            self.parts.abort_all();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = upload.abort().await;
+                });
+            }
+        }
+    }
+}
+
+/// `e` with `text` before its message, of the same kind.
+fn prefix(e: StoreError, text: &str) -> StoreError {
+    e.map_message(|m| format!("{text}{m}"))
+}
+
+/// `e` with `text` after its message, of the same kind.
+fn suffix(e: StoreError, text: &str) -> StoreError {
+    e.map_message(|m| format!("{m}{text}"))
 }
 
 pub(super) fn map_error(e: object_store::Error) -> StoreError {
