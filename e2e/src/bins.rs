@@ -68,8 +68,18 @@ fn staged(name: &str) -> PathBuf {
 /// Puts binary `name` into `dir` (a cluster's own `bin/`, reachable by the server user) and
 /// returns its path there: a hard link to the process's staged copy, or a copy.
 pub fn install(name: &str, dir: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
     let src = staged(name);
     let dst = dir.join(name);
+    // Installed before: the same file (a second copy onto a hard link of the staged copy would
+    // truncate the staged copy itself, leaving every later install an empty program).
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(&src), std::fs::metadata(&dst))
+        && a.dev() == b.dev()
+        && a.ino() == b.ino()
+    {
+        return dst;
+    }
+    let _ = std::fs::remove_file(&dst);
     if std::fs::hard_link(&src, &dst).is_err() {
         std::fs::copy(&src, &dst)
             .unwrap_or_else(|e| panic!("copy {name} into {}: {e}", dir.display()));
