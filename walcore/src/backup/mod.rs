@@ -13,6 +13,7 @@
 //! - [`tar`]: a sans-IO reader of the tar streams PostgreSQL sends.
 
 pub mod catalog;
+pub mod extract;
 pub mod progress;
 pub mod restore;
 pub mod take;
