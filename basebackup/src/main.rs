@@ -108,6 +108,11 @@ enum Command {
         /// Write this restore_command verbatim instead.
         #[arg(long, conflicts_with = "restore_program")]
         restore_command: Option<String>,
+        /// Give the restored files to USER[:GROUP], the user PostgreSQL runs as (root only).
+        /// Default when run as root: the owner of the data directory or of its parent when
+        /// not root, else the `postgres` user.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        owner: Option<String>,
     },
 }
 
@@ -209,6 +214,7 @@ fn main() -> ExitCode {
             tablespace_map,
             restore_program,
             restore_command,
+            owner,
         } => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
             let target = if let Some(t) = target_time {
                 Target::parse_time(&t)?
@@ -243,6 +249,7 @@ fn main() -> ExitCode {
                     format!("--pgdata {}: {e}", pgdata.display()),
                 )
             })?;
+            let owner = walcore::owner::restore_owner(owner.as_deref(), &pgdata)?;
             let options = RestoreOptions {
                 pgdata,
                 backup,
@@ -250,6 +257,7 @@ fn main() -> ExitCode {
                 action: target_action,
                 tablespace_map,
                 restore_command,
+                owner,
             };
             let report = backup::restore::restore(&repo, &options).await?;
             if json {
@@ -259,6 +267,7 @@ fn main() -> ExitCode {
                     "files": report.files,
                     "bytes": report.bytes,
                     "pgdata": options.pgdata,
+                    "owner": options.owner.map(|o| serde_json::json!({"uid": o.uid, "gid": o.gid})),
                 }))?;
             } else {
                 println!(
@@ -267,6 +276,9 @@ fn main() -> ExitCode {
                     report.reason,
                     options.pgdata.display()
                 );
+                if let Some(o) = options.owner {
+                    println!("the restored files belong to {o}: start PostgreSQL as that user");
+                }
                 println!(
                     "start it with: pg_ctl -D {} start",
                     options.pgdata.display()
