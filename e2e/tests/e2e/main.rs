@@ -11,6 +11,7 @@ mod backup_failures;
 mod faults;
 mod pitr;
 mod replication;
+mod restore_safety;
 mod scenario;
 mod selftest;
 mod store_conformance;
