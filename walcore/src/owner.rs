@@ -205,6 +205,47 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_as_root_chooses_an_owner_postgresql_can_run_as() {
+        if !running_as_root() {
+            eprintln!("not root: the default owner is the user running the restore");
+            assert_eq!(
+                restore_owner(None, Path::new("/nonexistent/data")).ok(),
+                Some(None)
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        // The parent belongs to root: the postgres user, or an error asking for --owner.
+        match Owner::user("postgres") {
+            Some(pg) => assert_eq!(restore_owner(None, &data).expect("owner"), Some(pg)),
+            None => {
+                let e = restore_owner(None, &data).expect_err("nobody to give it to");
+                assert!(e.to_string().contains("--owner"), "{e}");
+            }
+        }
+        // A parent prepared for another user gives the owner.
+        std::os::unix::fs::chown(dir.path(), Some(4242), Some(4343)).expect("chown");
+        let o = Owner {
+            uid: 4242,
+            gid: 4343,
+        };
+        assert_eq!(restore_owner(None, &data).expect("owner"), Some(o));
+        // So does the data directory itself, and --owner wins over both.
+        std::fs::create_dir(&data).expect("mkdir");
+        std::os::unix::fs::chown(&data, Some(4444), Some(4545)).expect("chown");
+        let d = Owner {
+            uid: 4444,
+            gid: 4545,
+        };
+        assert_eq!(restore_owner(None, &data).expect("owner"), Some(d));
+        assert_eq!(
+            restore_owner(Some("1:2"), &data).expect("owner"),
+            Some(Owner { uid: 1, gid: 2 })
+        );
+    }
+
+    #[test]
     fn owners_parse_names_and_numbers() {
         assert_eq!(
             Owner::parse("4242421").expect_err("no group").kind(),
