@@ -131,6 +131,11 @@ enum Command {
         /// Write this restore_command verbatim instead.
         #[arg(long, conflicts_with = "restore_program")]
         restore_command: Option<String>,
+        /// Give the restored files to USER[:GROUP], the user PostgreSQL runs as (root only).
+        /// Default when run as root: the owner of the data directory or of its parent when
+        /// not root, else the `postgres` user.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        owner: Option<String>,
     },
 }
 
@@ -237,6 +242,7 @@ fn main() -> ExitCode {
             tablespace_map,
             restore_program,
             restore_command,
+            owner,
         } => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
             let target = if let Some(t) = target_time {
                 Target::parse_time(&t)?
@@ -271,6 +277,7 @@ fn main() -> ExitCode {
                     format!("--pgdata {}: {e}", pgdata.display()),
                 )
             })?;
+            let owner = walcore::owner::restore_owner(owner.as_deref(), &pgdata)?;
             let options = RestoreOptions {
                 pgdata,
                 request: Request {
@@ -285,6 +292,7 @@ fn main() -> ExitCode {
                 },
                 tablespace_map,
                 dry_run,
+                owner,
             };
             let report = backup::restore::restore(&repo, &options).await?;
             let plan = &report.plan;
@@ -294,6 +302,11 @@ fn main() -> ExitCode {
                 value["dry_run"] = dry_run.into();
                 value["pgdata"] = serde_json::json!(options.pgdata);
                 value["archiving"] = report.archiving.clone().into();
+                value["owner"] = serde_json::json!(
+                    options
+                        .owner
+                        .map(|o| serde_json::json!({"uid": o.uid, "gid": o.gid}))
+                );
                 if !dry_run {
                     value["files"] = report.files.into();
                     value["bytes"] = report.bytes.into();
@@ -328,6 +341,9 @@ fn main() -> ExitCode {
                     println!("note: {note}");
                 }
                 println!("archiving: {}", report.archiving);
+                if let Some(o) = options.owner {
+                    println!("the restored files belong to {o}: start PostgreSQL as that user");
+                }
                 println!(
                     "start it with: pg_ctl -D {} start",
                     options.pgdata.display()

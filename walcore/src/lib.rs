@@ -30,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod exit;
 pub mod ops;
+pub mod owner;
 pub mod pg;
 pub mod progress;
 pub mod replication;

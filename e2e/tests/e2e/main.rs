@@ -14,6 +14,7 @@ mod holes;
 mod pitr;
 mod replication;
 mod restore_plans;
+mod restore_safety;
 mod scenario;
 mod selftest;
 mod store_conformance;

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
 use crate::pg::Lsn;
-use crate::repo::Repository;
+use crate::repo::{RepoMeta, Repository};
+use crate::store::META_KEY;
 
 /// Where catalog records live.
 pub const CATALOG_PREFIX: &str = "catalog/";
@@ -188,7 +189,23 @@ fn parse_record_time(id: &str, field: &str, text: &str) -> Result<DateTime<Utc>,
         })
 }
 
-/// Reads and checks one catalog record; `NotFound` when the backup does not exist.
+/// The repository's metadata; an error when there is none: a repository that does not exist
+/// (a mistyped URL, an unmounted directory) is not one with no backups.
+async fn repository_meta(repo: &Repository) -> Result<RepoMeta, Error> {
+    repo.read_meta().await?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!(
+                "{} is not a walcore repository: it has no {META_KEY} (nothing was ever \
+                 archived or backed up there); check WALCORE_REPO",
+                repo.store().describe()
+            ),
+        )
+    })
+}
+
+/// Reads and checks one catalog record; `NotFound` when the backup does not exist. A record of
+/// another cluster than the repository's is refused.
 pub async fn load(repo: &Repository, id: &str) -> Result<BackupRecord, Error> {
     if !is_valid_id(id) {
         return Err(Error::new(
@@ -196,6 +213,11 @@ pub async fn load(repo: &Repository, id: &str) -> Result<BackupRecord, Error> {
             format!("'{id}' is not a backup ID (they look like 20261130T043012Z-3f9a)"),
         ));
     }
+    let meta = repository_meta(repo).await?;
+    load_checked(repo, id, &meta).await
+}
+
+async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<BackupRecord, Error> {
     let key = catalog_key(id);
     let bytes = repo
         .with_retry(&format!("reading {key}"), || repo.get_small(&key))
@@ -220,11 +242,34 @@ pub async fn load(repo: &Repository, id: &str) -> Result<BackupRecord, Error> {
         )
     })?;
     record.check(&key)?;
+    if record.system_identifier != meta.system_identifier {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "catalog record {key} in {} is a backup of cluster {}, but the repository \
+                 belongs to cluster {}: refused",
+                repo.store().describe(),
+                record.system_identifier,
+                meta.system_identifier
+            ),
+        ));
+    }
     Ok(record)
 }
 
-/// Every complete backup, oldest first.
-pub async fn list(repo: &Repository) -> Result<Vec<BackupRecord>, Error> {
+/// The catalog: the complete backups that could be read, oldest first, and an error for each
+/// record that could not (named in the error).
+#[derive(Debug)]
+pub struct Listing {
+    pub records: Vec<BackupRecord>,
+    pub unreadable: Vec<Error>,
+}
+
+/// Reads every catalog record. A record that cannot be read or fails its checks does not hide
+/// the others: it goes to [`Listing::unreadable`]. A store that stays unreachable, or a
+/// repository that does not exist, is an error.
+pub async fn scan(repo: &Repository) -> Result<Listing, Error> {
+    let meta = repository_meta(repo).await?;
     let store = repo.store().describe();
     let keys = repo
         .with_retry("listing the catalog", || async {
@@ -241,11 +286,29 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupRecord>, Error> {
         .map(str::to_owned)
         .collect();
     ids.sort();
-    let mut records = Vec::with_capacity(ids.len());
+    let mut listing = Listing {
+        records: Vec::with_capacity(ids.len()),
+        unreadable: Vec::new(),
+    };
     for id in ids {
-        records.push(load(repo, &id).await?);
+        match load_checked(repo, &id, &meta).await {
+            Ok(r) => listing.records.push(r),
+            // Retries are spent: the store is down, not the record bad.
+            Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
+            Err(e) => listing.unreadable.push(e),
+        }
     }
-    Ok(records)
+    Ok(listing)
+}
+
+/// Every complete backup that can be read, oldest first; each unreadable record is logged as a
+/// warning naming it (see [`scan`]).
+pub async fn list(repo: &Repository) -> Result<Vec<BackupRecord>, Error> {
+    let listing = scan(repo).await?;
+    for e in &listing.unreadable {
+        tracing::warn!("skipping a catalog record: {e:#}");
+    }
+    Ok(listing.records)
 }
 
 /// Writes `record` create-only: from this moment the backup exists.
@@ -326,6 +389,132 @@ mod tests {
             "2023111aT221320Z-abcd",
         ] {
             assert!(!is_valid_id(bad), "{bad}");
+        }
+    }
+
+    mod repository {
+        use std::time::Duration;
+
+        use super::super::*;
+        use crate::codec::{Codec, Compression};
+        use crate::pg::WalSegmentSize;
+        use crate::store::{LocalStore, Store};
+
+        fn repo(root: &std::path::Path) -> Repository {
+            Repository::new(
+                Store::Local(LocalStore::new(root.to_path_buf())),
+                Codec::new(Compression::None, None),
+                Duration::from_millis(200),
+            )
+        }
+
+        fn record(id: &str, system_identifier: &str) -> BackupRecord {
+            BackupRecord {
+                format_version: 1,
+                id: id.to_owned(),
+                label: "t".into(),
+                system_identifier: system_identifier.into(),
+                pg_version_num: 150_000,
+                wal_segment_size: 16 << 20,
+                start_lsn: Lsn(0x0200_0028),
+                start_timeline: 1,
+                stop_lsn: Lsn(0x0200_0100),
+                stop_timeline: 1,
+                start_time: "2026-11-30T01:00:00.000Z".into(),
+                stop_time: "2026-11-30T01:00:05.000Z".into(),
+                checkpoint: "fast".into(),
+                wal_included: false,
+                tablespaces: vec![],
+                objects: vec![ObjectEntry {
+                    key: archive_key(id, "base.tar"),
+                    kind: ObjectKind::Archive,
+                    name: "base.tar".into(),
+                    plaintext_len: 0,
+                    plaintext_crc32: 0,
+                    stored_len: 0,
+                }],
+                created_by: "test".into(),
+            }
+        }
+
+        const A: &str = "20261130T010000Z-aaaa";
+        const B: &str = "20261130T020000Z-bbbb";
+        const C: &str = "20261130T030000Z-cccc";
+
+        async fn setup(root: &std::path::Path) -> Repository {
+            let r = repo(root);
+            let seg = WalSegmentSize::new(16 << 20).expect("size");
+            r.init_meta(RepoMeta::new(7_000_000_000_000_000_001, 15, seg))
+                .await
+                .expect("meta");
+            r
+        }
+
+        #[tokio::test]
+        async fn a_record_of_another_cluster_is_refused() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let r = setup(dir.path()).await;
+            commit(&r, &record(A, "7000000000000000001"))
+                .await
+                .expect("commit");
+            commit(&r, &record(B, "7000000000000000002"))
+                .await
+                .expect("commit");
+            let e = load(&r, B).await.expect_err("another cluster's record");
+            assert_eq!(e.kind(), ErrorKind::Integrity);
+            assert!(
+                e.to_string().contains("7000000000000000002")
+                    && e.to_string().contains("catalog/20261130T020000Z-bbbb"),
+                "{e}"
+            );
+            let listing = scan(&r).await.expect("scan");
+            assert_eq!(listing.records.len(), 1);
+            assert_eq!(listing.records[0].id, A);
+            assert_eq!(listing.unreadable.len(), 1);
+        }
+
+        #[tokio::test]
+        async fn one_unreadable_record_does_not_hide_the_others() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let r = setup(dir.path()).await;
+            for id in [A, B, C] {
+                commit(&r, &record(id, "7000000000000000001"))
+                    .await
+                    .expect("commit");
+            }
+            // B's object is garbage: not an envelope at all.
+            let path = dir.path().join(catalog_key(B));
+            std::fs::remove_file(&path).expect("remove");
+            std::fs::write(&path, b"not a record").expect("write");
+            let listing = scan(&r).await.expect("scan");
+            let ids: Vec<&str> = listing.records.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(ids, [A, C]);
+            assert_eq!(listing.unreadable.len(), 1);
+            let e = listing.unreadable[0].to_string();
+            assert!(
+                e.contains(&catalog_key(B)),
+                "the warning does not name it: {e}"
+            );
+            assert_eq!(list(&r).await.expect("list").len(), 2);
+        }
+
+        #[tokio::test]
+        async fn a_repository_that_does_not_exist_is_an_error() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            // The root is missing.
+            let e = list(&repo(&dir.path().join("not-mounted")))
+                .await
+                .expect_err("a missing root");
+            assert!(e.to_string().contains("not-mounted"), "{e}");
+            // The root is there, but nothing was ever stored.
+            let e = list(&repo(dir.path())).await.expect_err("no metadata");
+            assert_eq!(e.kind(), ErrorKind::Configuration);
+            assert!(e.to_string().contains("not a walcore repository"), "{e}");
+            let e = load(&repo(dir.path()), A).await.expect_err("no metadata");
+            assert_eq!(e.kind(), ErrorKind::Configuration);
+            // An initialised repository without backups lists none.
+            let r = setup(dir.path()).await;
+            assert!(list(&r).await.expect("list").is_empty());
         }
     }
 

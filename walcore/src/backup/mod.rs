@@ -15,6 +15,7 @@
 //! - [`tar`]: a sans-IO reader of the tar streams PostgreSQL sends.
 
 pub mod catalog;
+pub mod extract;
 pub mod plan;
 pub mod progress;
 pub mod restore;

@@ -298,8 +298,10 @@ fn parse_header(block: &[u8]) -> Result<Entry, String> {
         b'5' => EntryKind::Directory,
         b'2' => EntryKind::Symlink,
         b'1' => {
+            let target = String::from_utf8_lossy(field(block, 157, 100)).into_owned();
             return Err(format!(
-                "entry {path:?} is a hard link, which PostgreSQL never sends"
+                "entry {path:?} is a hard link to {target:?}, which PostgreSQL never sends; \
+                 refused"
             ));
         }
         b'x' | b'g' | b'L' | b'K' => {

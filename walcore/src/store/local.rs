@@ -4,6 +4,12 @@
 //! fsynced, hard-linked into place (`link` fails if the name exists, atomically), the temporary
 //! name removed, and the directory fsynced. A crash leaves at most a temporary file, never a
 //! partial object under a real name.
+//!
+//! Ownership: run as root, the process gives every file and directory it creates to the owner
+//! of the repository root (when that is not root), so that a `take` or a manual push run as
+//! root leaves objects the PostgreSQL user's hooks can read and write next to. Refusing to run
+//! as root would be the other choice; but root is where backups are often scheduled from, and
+//! giving each new object to the root directory's owner is what an operator then does by hand.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
@@ -11,6 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{PutOutcome, StoreError};
+use crate::owner::{Owner, running_as_root};
 
 /// Prefix of temporary files; readers and listings skip names starting with it.
 pub const TEMP_PREFIX: &str = ".tmp.";
@@ -33,6 +40,16 @@ impl LocalStore {
 
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
+    }
+
+    /// Who new files and directories must belong to: the root directory's owner when this
+    /// process runs as root and the root belongs to someone else; else `None` (keep ours).
+    fn new_owner(&self) -> io::Result<Option<Owner>> {
+        if !running_as_root() {
+            return Ok(None);
+        }
+        let owner = Owner::of_path(&self.root)?;
+        Ok((owner.uid != 0).then_some(owner))
     }
 
     /// Opens an object for reading. `NotFound` only when the file is absent and the repository
@@ -75,7 +92,13 @@ impl LocalStore {
             .parent()
             .ok_or_else(|| PutError::Store(StoreError::Permanent(format!("bad key {key}"))))?
             .to_path_buf();
-        create_dir_durable(&dir, &self.root).map_err(|e| PutError::Store(io_error(e)))?;
+        let owner = self.new_owner().map_err(|e| {
+            PutError::Store(StoreError::Permanent(format!(
+                "repository root {}: {e}",
+                self.root.display()
+            )))
+        })?;
+        create_dir_durable(&dir, &self.root, owner).map_err(|e| PutError::Store(io_error(e)))?;
         let file_name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -91,6 +114,9 @@ impl LocalStore {
                 .mode(OBJECT_MODE)
                 .open(&temp)
                 .map_err(|e| PutError::Store(io_error(e)))?;
+            if let Some(o) = owner {
+                o.give_fd(&file).map_err(|e| PutError::Store(io_error(e)))?;
+            }
             let mut w = BufWriter::with_capacity(1 << 20, file);
             let value = produce(&mut w).map_err(PutError::Produce)?;
             let file = w
@@ -269,8 +295,8 @@ fn io_error(e: io::Error) -> StoreError {
 }
 
 /// Creates `dir` and its missing parents below `root`, fsyncing each parent whose entries
-/// changed, so a new object's directory survives a crash.
-fn create_dir_durable(dir: &Path, root: &Path) -> io::Result<()> {
+/// changed, so a new object's directory survives a crash; gives each new one to `owner`.
+fn create_dir_durable(dir: &Path, root: &Path, owner: Option<Owner>) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -278,10 +304,13 @@ fn create_dir_durable(dir: &Path, root: &Path) -> io::Result<()> {
         && parent != root
         && parent.starts_with(root)
     {
-        create_dir_durable(parent, root)?;
+        create_dir_durable(parent, root, owner)?;
     }
     match fs::create_dir(dir) {
         Ok(()) => {
+            if let Some(o) = owner {
+                o.give_path(dir)?;
+            }
             if let Some(parent) = dir.parent() {
                 fsync_dir(parent)?;
             }
@@ -426,6 +455,35 @@ mod tests {
         assert_eq!(after("a", Some("a/b.x"), 100), vec!["a/b/c"]);
         // An absent prefix holds nothing.
         assert!(after("wal/00000009/", None, 10).is_empty());
+    }
+
+    #[test]
+    fn as_root_new_objects_belong_to_the_roots_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !running_as_root() {
+            eprintln!("not root: ownership of new objects cannot be tested");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("repo");
+        fs::create_dir(&root).expect("mkdir");
+        std::os::unix::fs::chown(&root, Some(4242), Some(4343)).expect("chown");
+        let store = LocalStore::new(root.clone());
+        store
+            .put_create_with("catalog/x/y", |w| w.write_all(b"one"))
+            .map_err(|e| format!("{e:?}"))
+            .expect("put");
+        for p in ["catalog", "catalog/x", "catalog/x/y"] {
+            let m = fs::metadata(root.join(p)).expect(p);
+            assert_eq!((m.uid(), m.gid()), (4242, 4343), "{p}");
+        }
+        // A root-owned repository stays root's.
+        let store = LocalStore::new(dir.path().to_path_buf());
+        store
+            .put_create_with("k", |w| w.write_all(b"one"))
+            .map_err(|e| format!("{e:?}"))
+            .expect("put");
+        assert_eq!(fs::metadata(dir.path().join("k")).expect("k").uid(), 0);
     }
 
     #[test]
