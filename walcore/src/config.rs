@@ -122,10 +122,12 @@ pub fn check_env_names<N: AsRef<OsStr>>(names: impl IntoIterator<Item = N>) -> R
     unknown.sort();
     let each: Vec<String> = unknown
         .iter()
-        .map(|name| match closest(name, known.iter().map(String::as_str)) {
-            Some(k) => format!("{name} (did you mean {k}?)"),
-            None => name.clone(),
-        })
+        .map(
+            |name| match closest(name, known.iter().map(String::as_str)) {
+                Some(k) => format!("{name} (did you mean {k}?)"),
+                None => name.clone(),
+            },
+        )
         .collect();
     Err(Error::new(
         ErrorKind::Configuration,
@@ -161,8 +163,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in rows.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        rows[0][j] = j;
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
@@ -312,11 +314,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let start = span.start.min(text.len());
             let before = text.get(..start).unwrap_or("");
             let line = before.matches('\n').count() + 1;
-            let column = before
-                .rsplit('\n')
-                .next()
-                .map_or(0, |l| l.chars().count())
-                + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("not valid TOML at line {line}, column {column}: {clean}{hint}")
         }
         None => format!("not valid TOML: {clean}{hint}"),
@@ -446,12 +444,14 @@ impl Config {
         let config_file = env("WALCORE_CONFIG").filter(|p| !p.is_empty());
         if let Some(path) = config_file.clone() {
             // The file may hold the key: its text is wiped once parsed.
-            let text = std::fs::read_to_string(&path).map(Zeroizing::new).map_err(|e| {
-                Error::new(
-                    ErrorKind::Configuration,
-                    format!("WALCORE_CONFIG: cannot read {path}: {e}"),
-                )
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .map(Zeroizing::new)
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Configuration,
+                        format!("WALCORE_CONFIG: cannot read {path}: {e}"),
+                    )
+                })?;
             layers.push(Layer::from_toml(&path, &text)?);
         }
         let r = Resolver { layers };
@@ -621,8 +621,7 @@ fn load_key(r: &Resolver, limit: CommandLimit) -> Result<Option<Arc<MasterKey>>,
     match key {
         "encryption_key" => parse(value),
         "encryption_key_file" => {
-            let text = read_key_file(std::path::Path::new(value))
-                .map_err(|e| e.context(origin))?;
+            let text = read_key_file(std::path::Path::new(value)).map_err(|e| e.context(origin))?;
             let text = std::str::from_utf8(&text).map_err(|_| {
                 conf(format!(
                     "{origin}: key file {value} holds something that is not text"
@@ -790,10 +789,10 @@ fn run_key_command(command: &str, limit: CommandLimit) -> Result<Zeroizing<Vec<u
         Ok(Ok(text)) => text,
         Ok(Err(e)) => {
             stop(&mut child);
-            return Err(
-                conf(format!("reading the output of the key command ({program}): {e}"))
-                    .with_source(e),
-            );
+            return Err(conf(format!(
+                "reading the output of the key command ({program}): {e}"
+            ))
+            .with_source(e));
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
             stop(&mut child);
@@ -1048,9 +1047,15 @@ mod tests {
         );
         assert_eq!(closest("WALCORE_RPEO", known()), Some("WALCORE_REPO"));
         assert_eq!(closest("walcore_repo", known()), Some("WALCORE_REPO"));
-        assert_eq!(closest("WALCORE_PREFECTH", known()), Some("WALCORE_PREFETCH"));
+        assert_eq!(
+            closest("WALCORE_PREFECTH", known()),
+            Some("WALCORE_PREFETCH")
+        );
         assert_eq!(closest("WALCORE_SOMETHING_ELSE_ENTIRELY", known()), None);
-        assert_eq!(closest("encryption_kye", KEYS.iter().copied()), Some("encryption_key"));
+        assert_eq!(
+            closest("encryption_kye", KEYS.iter().copied()),
+            Some("encryption_key")
+        );
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("abc", "abc"), 0);
         assert_eq!(edit_distance("ab", "ba"), 1);
@@ -1059,8 +1064,8 @@ mod tests {
 
     #[test]
     fn unknown_walcore_variables_are_refused_and_test_variables_ignored() {
-        let e = check_env_names(["PATH", "WALCORE_REPO", "WALCORE_ENCRYPTON_KEY", "HOME"])
-            .unwrap_err();
+        let e =
+            check_env_names(["PATH", "WALCORE_REPO", "WALCORE_ENCRYPTON_KEY", "HOME"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Configuration);
         assert!(
             e.to_string()
@@ -1068,7 +1073,10 @@ mod tests {
             "{e}"
         );
         let e = check_env_names(["WALCORE_NONSENSE_FOR_SURE", "WALCORE_RETRYTIME"]).unwrap_err();
-        assert!(e.to_string().contains("unknown environment variables"), "{e}");
+        assert!(
+            e.to_string().contains("unknown environment variables"),
+            "{e}"
+        );
         assert!(
             e.to_string()
                 .contains("WALCORE_RETRYTIME (did you mean WALCORE_RETRY_TIME?)"),
@@ -1115,7 +1123,10 @@ mod tests {
         layer.set_flag("repo", "--repo", Some("file:///r"));
         let shown = format!("{layer:?} {layer:#?}");
         assert_no_key_in(&shown);
-        assert!(shown.contains("<redacted> (from WALCORE_ENCRYPTION_KEY)"), "{shown}");
+        assert!(
+            shown.contains("<redacted> (from WALCORE_ENCRYPTION_KEY)"),
+            "{shown}"
+        );
         assert!(shown.contains("file:///r"), "{shown}");
 
         let text = format!("repo = \"file:///r\"\nencryption_key = \"{SECRET_HEX}\"\n");
@@ -1128,7 +1139,10 @@ mod tests {
         assert_no_key_in(&shown);
         assert!(shown.contains("echo"), "{shown}");
         assert_eq!(program_of(&format!("{SECRET_HEX} --x")), "(a command)");
-        assert_eq!(program_of("AWS_PROFILE=kms /usr/bin/get-key --id 3"), "/usr/bin/get-key");
+        assert_eq!(
+            program_of("AWS_PROFILE=kms /usr/bin/get-key --id 3"),
+            "/usr/bin/get-key"
+        );
 
         // Cloud options an embedding program hands to the store.
         let mut options = c.store_options();
@@ -1193,7 +1207,10 @@ mod tests {
             ("WALCORE_SPOOL", "relative/spooldir"),
             ("WALCORE_ENCRYPTION_KEY_COMMAND_TIMEOUT", "forever"),
             ("WALCORE_ENCRYPTION_KEY", &SECRET_HEX[..60]),
-            ("WALCORE_ENCRYPTION_KEY", &format!("{}zz", &SECRET_HEX[..62])),
+            (
+                "WALCORE_ENCRYPTION_KEY",
+                &format!("{}zz", &SECRET_HEX[..62]),
+            ),
         ] {
             let e = Config::load_with(
                 Layer::default(),
@@ -1208,7 +1225,13 @@ mod tests {
 
     #[test]
     fn key_file_mode_rule_follows_libpq() {
-        for (mode, uid) in [(0o600, 1000), (0o400, 1000), (0o600, 0), (0o640, 0), (0o440, 0)] {
+        for (mode, uid) in [
+            (0o600, 1000),
+            (0o400, 1000),
+            (0o600, 0),
+            (0o640, 0),
+            (0o440, 0),
+        ] {
             assert_eq!(key_file_mode_problem(mode, uid), None, "{mode:o} uid {uid}");
         }
         for (mode, uid) in [
@@ -1222,7 +1245,10 @@ mod tests {
             (0o100_644, 1000),
         ] {
             let problem = key_file_mode_problem(mode, uid).expect("refused");
-            assert!(problem.contains(&format!("{:04o}", mode & 0o7777)), "{problem}");
+            assert!(
+                problem.contains(&format!("{:04o}", mode & 0o7777)),
+                "{problem}"
+            );
         }
 
         let dir = tempfile::tempdir().expect("tempdir");
