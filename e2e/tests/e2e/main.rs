@@ -9,6 +9,7 @@ mod archive_matrix;
 mod backup;
 mod backup_failures;
 mod faults;
+mod key_hygiene;
 mod pitr;
 mod replication;
 mod scenario;
