@@ -11,6 +11,7 @@ mod backup_failures;
 mod downloads;
 mod faults;
 mod holes;
+mod key_hygiene;
 mod pitr;
 mod replication;
 mod restore_plans;

@@ -111,6 +111,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("key file");
         std::fs::write(&file, &key).expect("write key");
+        // Key files others may read are refused.
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod 600 the key file");
         let file = file.to_string_lossy().into_owned();
         let (command, note) = restore_command_for(
             &config(&[

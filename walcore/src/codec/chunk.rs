@@ -46,14 +46,16 @@ impl ChunkContext {
         header: Header,
         header_bytes: &[u8; HEADER_LEN],
         name: &str,
-        object_key: Option<[u8; 32]>,
+        object_key: Option<super::key::ObjectKey>,
     ) -> ChunkContext {
         let mut aad = Vec::with_capacity(HEADER_LEN + name.len());
         aad.extend_from_slice(header_bytes);
         aad.extend_from_slice(name.as_bytes());
         let mut crc_base = crc32fast::Hasher::new();
         crc_base.update(&aad);
-        let cipher = object_key.map(|k| Aes256Gcm::new(&k.into()));
+        // The cipher keeps its own expanded key (wiped on drop: aes-gcm's `zeroize` feature);
+        // `object_key` is wiped when it goes out of scope here.
+        let cipher = object_key.map(|k| Aes256Gcm::new((&*k).into()));
         ChunkContext {
             header,
             aad,

@@ -4,6 +4,7 @@ use std::fmt;
 
 use hkdf::Hkdf;
 use sha2::Sha256;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Length of a master key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -40,8 +41,11 @@ pub enum KeyError {
     NotHex,
 }
 
+/// A key derived for one object: wiped from memory when dropped.
+pub(crate) type ObjectKey = Zeroizing<[u8; KEY_LEN]>;
+
 /// The user's AES-256 master key. Never logged (its `Debug` shows the fingerprint only) and
-/// wiped from memory when dropped.
+/// wiped from memory (`zeroize`) when dropped.
 pub struct MasterKey {
     bytes: [u8; KEY_LEN],
     fingerprint: Fingerprint,
@@ -61,15 +65,16 @@ impl MasterKey {
     }
 
     /// A key from 64 hexadecimal characters; surrounding white space (a trailing newline from a
-    /// key file or a KMS command) is ignored.
+    /// key file or a KMS command) is ignored. The caller wipes `text`; the decoded bytes are
+    /// wiped here.
     pub fn from_hex(text: &str) -> Result<MasterKey, KeyError> {
         let text = text.trim();
         if text.len() != KEY_LEN * 2 {
             return Err(KeyError::Length(text.chars().count()));
         }
-        let mut bytes = [0u8; KEY_LEN];
-        hex::decode_to_slice(text, &mut bytes).map_err(|_| KeyError::NotHex)?;
-        Ok(MasterKey::from_bytes(bytes))
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        hex::decode_to_slice(text, &mut *bytes).map_err(|_| KeyError::NotHex)?;
+        Ok(MasterKey::from_bytes(*bytes))
     }
 
     /// The key's fingerprint (FORMAT.md §4.1).
@@ -78,10 +83,10 @@ impl MasterKey {
     }
 
     /// The key of one object, from the salt in its header (FORMAT.md §4.2).
-    pub(crate) fn object_key(&self, salt: &[u8; 32]) -> [u8; KEY_LEN] {
-        let mut out = [0u8; KEY_LEN];
+    pub(crate) fn object_key(&self, salt: &[u8; 32]) -> ObjectKey {
+        let mut out = Zeroizing::new([0u8; KEY_LEN]);
         Hkdf::<Sha256>::new(Some(salt), &self.bytes)
-            .expand(OBJECT_KEY_INFO, &mut out)
+            .expand(OBJECT_KEY_INFO, &mut *out)
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         out
     }
@@ -89,12 +94,10 @@ impl MasterKey {
 
 impl Drop for MasterKey {
     fn drop(&mut self) {
-        // Best effort: overwrite the key before the memory is released.
-        for b in self.bytes.iter_mut() {
-            // A volatile-free wipe can be optimised away in theory; the key also lives in the
-            // cipher state, so this is hygiene, not a guarantee.
-            *b = 0;
-        }
+        // `zeroize` writes with volatile stores the optimiser cannot remove. Copies made on the
+        // way in (the environment, the hash state of the key derivation) are beyond our reach:
+        // this is hygiene, not a guarantee.
+        self.bytes.zeroize();
     }
 }
 
@@ -139,7 +142,7 @@ mod tests {
         let a = MasterKey::from_bytes([1; 32]);
         let b = MasterKey::from_bytes([2; 32]);
         assert_ne!(a.fingerprint(), b.fingerprint());
-        assert_ne!(a.object_key(&[0; 32]), b.object_key(&[0; 32]));
-        assert_ne!(a.object_key(&[0; 32]), a.object_key(&[1; 32]));
+        assert_ne!(*a.object_key(&[0; 32]), *b.object_key(&[0; 32]));
+        assert_ne!(*a.object_key(&[0; 32]), *a.object_key(&[1; 32]));
     }
 }

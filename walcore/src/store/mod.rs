@@ -73,8 +73,9 @@ impl StoreError {
     }
 }
 
-/// Settings of the store clients.
-#[derive(Debug, Clone)]
+/// Settings of the store clients. Its `Debug` names the cloud options but never shows their
+/// values (`aws_secret_access_key`, …).
+#[derive(Clone)]
 pub struct StoreOptions {
     /// How long transient failures of one request are retried (with backoff and jitter).
     pub retry_time: Duration,
@@ -88,6 +89,22 @@ pub struct StoreOptions {
     /// applied over what the environment gives: for programs that embed walcore and do not
     /// want to set process-wide variables.
     pub cloud_options: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cloud: Vec<String> = self
+            .cloud_options
+            .iter()
+            .map(|(k, _)| format!("{k}=<redacted>"))
+            .collect();
+        f.debug_struct("StoreOptions")
+            .field("retry_time", &self.retry_time)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("cloud_options", &cloud)
+            .finish()
+    }
 }
 
 impl Default for StoreOptions {
