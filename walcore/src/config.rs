@@ -359,6 +359,8 @@ pub struct Config {
     pub key_source: KeySource,
     /// The `WALCORE_CONFIG` file, if one was read.
     pub config_file: Option<String>,
+    /// The key command's own time limit (`encryption_key_command_timeout`).
+    pub key_command_timeout: Duration,
 }
 
 /// Where the encryption key came from. Its `Debug` shows the key command's program only.
@@ -559,6 +561,7 @@ impl Config {
             spool,
             key_source,
             config_file,
+            key_command_timeout: command_timeout,
         })
     }
 

@@ -50,6 +50,12 @@ pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<S
         KeySource::File(f) => words.push(format!("WALCORE_ENCRYPTION_KEY_FILE={}", sh_quote(f))),
         KeySource::Command(c) => {
             words.push(format!("WALCORE_ENCRYPTION_KEY_COMMAND={}", sh_quote(c)));
+            if config.key_command_timeout != crate::config::DEFAULT_KEY_COMMAND_TIMEOUT {
+                words.push(format!(
+                    "WALCORE_ENCRYPTION_KEY_COMMAND_TIMEOUT={}ms",
+                    config.key_command_timeout.as_millis()
+                ));
+            }
         }
         KeySource::Inline => {
             note = Some(
@@ -141,6 +147,23 @@ mod tests {
         assert_eq!(
             command,
             "WALCORE_REPO=file:///srv/100%%25/repo /opt/50%%/walcore-restore %f %p"
+        );
+    }
+
+    #[test]
+    fn a_key_commands_own_time_limit_travels_with_it() {
+        let key = "cd".repeat(32);
+        let (command, _) = restore_command_for(
+            &config(&[
+                ("WALCORE_REPO", "file:///r"),
+                ("WALCORE_ENCRYPTION_KEY_COMMAND", &format!("echo {key}")),
+                ("WALCORE_ENCRYPTION_KEY_COMMAND_TIMEOUT", "5s"),
+            ]),
+            Path::new("/usr/local/bin/walcore-restore"),
+        );
+        assert!(
+            command.contains("WALCORE_ENCRYPTION_KEY_COMMAND_TIMEOUT=5000ms"),
+            "{command}"
         );
     }
 }
