@@ -793,15 +793,6 @@ impl fmt::Display for RestorePlan {
             )?,
             None => writeln!(f, "WAL:       from {} on, as archived", self.wal_first)?,
         }
-        writeln!(
-            f,
-            "archiving: {}",
-            match self.archive_mode {
-                ArchiveMode::Preserve =>
-                    "archive_mode kept as in the backup (--archive-mode preserve)",
-                ArchiveMode::Off => "archive_mode = off (--archive-mode off)",
-            }
-        )?;
         writeln!(f, "settings written to postgresql.auto.conf:")?;
         for (name, value) in &self.settings {
             writeln!(f, "  {name} = {}", conf_quote(value))?;

@@ -338,7 +338,6 @@ fn the_plan_prints_what_it_will_do() {
         "timeline:  2 (recovery_target_timeline = 'latest'): 1 (to 0/6000000) → 2",
         "from 000000010000000000000004",
         "restore_command = 'walcore-restore %f %p'",
-        "--archive-mode preserve",
     ] {
         assert!(
             text.contains(expected),
