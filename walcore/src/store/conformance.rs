@@ -241,6 +241,43 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
     if put(store, &k("t/short"), vec![9]).await? != PutOutcome::Created {
         return Err(fail("a deleted key could not be created again"));
     }
+
+    // One level of the key space: directories and objects with their sizes.
+    let scan = |e: StoreError| fail(format!("scan: {e}"));
+    // A file system may keep the directory of a failed write ("c"); object stores have none.
+    let mut dirs = store.child_dirs(prefix).await.map_err(scan)?;
+    dirs.retain(|d| d != "c");
+    if dirs != ["a", "b", "d", "t"] {
+        return Err(fail(format!("child_dirs({prefix}) gave {dirs:?}")));
+    }
+    let objects = store.list_dir(&k("t")).await.map_err(scan)?;
+    let keys: Vec<&str> = objects.iter().map(|o| o.key.as_str()).collect();
+    if keys != [k("t/long"), k("t/short")] || objects[1].size == 0 {
+        return Err(fail(format!("list_dir({}) gave {objects:?}", k("t"))));
+    }
+
+    // Deleting many at once, across S3's 1000-key batches, absent keys included.
+    let many: Vec<String> = (0..1003).map(|i| k(&format!("m/{i:04}"))).collect();
+    for key in &many {
+        put(store, key, vec![1]).await?;
+    }
+    let mut doomed = many[..1002].to_vec();
+    doomed.push(k("m/never-there"));
+    store
+        .delete_many(&doomed)
+        .await
+        .map_err(|e| fail(format!("delete_many: {e}")))?;
+    let left = store
+        .list(&k("m/"))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if left != many[1002..] {
+        return Err(fail(format!("after delete_many, {left:?} remain")));
+    }
+    store
+        .delete_many(&[])
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
 

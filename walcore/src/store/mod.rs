@@ -1,6 +1,7 @@
 //! Where objects live, and how they get there: create-only writes, whole-object reads, bounded
 //! retries. One front (`Store`) over a local file system and the cloud stores.
 
+pub mod batch;
 pub mod conformance;
 pub mod keys;
 pub mod local;
