@@ -71,7 +71,12 @@ fn pin_a_backup_and_restore_it_with_the_operator_command() {
     // An unknown backup cannot be pinned; nothing is written.
     let unknown = "20000101T000000Z-0000";
     let out = tool.run(&["pin", unknown]);
-    assert!(!out.status.success(), "pinned an unknown backup");
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "pin of an unknown backup: {}",
+        out.stderr
+    );
     assert!(out.stderr.contains(unknown), "{}", out.stderr);
     assert!(!repo.keys().iter().any(|k| k.starts_with("pins/")));
 
