@@ -17,6 +17,8 @@ struct Args {
     command: Operator,
 }
 
+// Parsed once per process: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Operator {
     #[command(flatten)]

@@ -1,13 +1,13 @@
 //! `walcore`, the operator command, end to end on real PostgreSQL: its help lists every
-//! repository command; `take`, `list`, `pin`/`unpin` and `show` on a `file://` repository;
+//! repository command; `take`, `list`, `pin`/`unpin` and `show` on `file://` and S3;
 //! a `restore` that starts and has every committed row.
 
 use std::time::Duration;
 
-use walcore_e2e::repo::Codec;
+use walcore_e2e::repo::{Codec, KEY_1};
 use walcore_e2e::sys;
 use walcore_e2e::workload::{create_table, fingerprint, insert_batch};
-use walcore_e2e::{Cluster, Repo, bins};
+use walcore_e2e::{Cluster, Moto, Repo, bins, moto};
 
 use crate::backup::{Tool, empty_cluster, prepare_restored};
 use crate::scenario::{self, ARCHIVE_WAIT, assert_promoted};
@@ -44,12 +44,24 @@ fn listed_pin(tool: &Tool, id: &str) -> (serde_json::Value, serde_json::Value) {
     (entry["pinned"].clone(), entry["pin_note"].clone())
 }
 
-/// A pinned backup stays pinned until unpinned, `list` and `show` say so with the note, and
-/// the backup still restores through the same command.
 #[test]
 fn pin_a_backup_and_restore_it_with_the_operator_command() {
-    let repo = Repo::file();
-    let env = repo.env(&Codec::plain());
+    pin_and_restore(&Repo::file(), &Codec::plain());
+}
+
+/// The same on S3 (the emulator), encrypted: pin events are create-only objects there too.
+#[test]
+fn pin_a_backup_on_s3() {
+    if !moto::s3_enabled("operator::pin_a_backup_on_s3") {
+        return;
+    }
+    pin_and_restore(&Repo::s3(Moto::shared()), &Codec::encrypted(KEY_1));
+}
+
+/// A pinned backup stays pinned until unpinned, `list` and `show` say so with the note, and
+/// the backup still restores through the same command.
+fn pin_and_restore(repo: &Repo, codec: &Codec) {
+    let env = repo.env(codec);
     let mut src = Cluster::new();
     src.archive_with_walcore();
     src.set_env(&env);
