@@ -11,6 +11,8 @@ use crate::sys::{self, Output};
 pub const ARCHIVE: &str = "walcore-archive";
 /// `walcore-restore`: PostgreSQL's `restore_command`.
 pub const RESTORE: &str = "walcore-restore";
+/// `walcore`: the operator command (backups, the catalog, restores, pins).
+pub const WALCORE: &str = "walcore";
 
 /// The directory holding the built binaries: `$WALCORE_BIN_DIR`, else the profile directory this
 /// test runs from (`target/<profile>/deps/<test>` → `target/<profile>`).

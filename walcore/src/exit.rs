@@ -13,7 +13,7 @@ use crate::error::ErrorKind;
 pub enum Hook {
     Archive,
     Restore,
-    /// `walcore-basebackup`: an ordinary command, with the archive hook's codes.
+    /// `walcore` and `walcore-basebackup`: ordinary commands, with the archive hook's codes.
     Backup,
 }
 

@@ -12,6 +12,7 @@ mod downloads;
 mod faults;
 mod holes;
 mod key_hygiene;
+mod operator;
 mod pitr;
 mod replication;
 mod restore_plans;

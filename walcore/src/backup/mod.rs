@@ -9,6 +9,7 @@
 //!
 //! - [`catalog`]: the catalog records (FORMAT.md §6), backup IDs and keys.
 //! - [`take`]: the backup itself.
+//! - [`pins`]: pins (FORMAT.md §6.1), an append-only log of events per backup.
 //! - [`plan`]: the choice of backup along the target timeline's history, the WAL it needs, the
 //!   recovery settings (a pure function; `--dry-run` prints it).
 //! - [`restore`]: the plan's execution: extraction, then the recovery settings, `pg_control` last.
@@ -16,6 +17,7 @@
 
 pub mod catalog;
 pub mod extract;
+pub mod pins;
 pub mod plan;
 pub mod progress;
 pub mod restore;

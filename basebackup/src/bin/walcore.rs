@@ -1,0 +1,47 @@
+//! `walcore`: the operator command. Every repository command: those of `walcore-basebackup`
+//! (`basebackup::commands`, the same definitions and handlers), and pins.
+
+use std::process::ExitCode;
+
+use basebackup::commands::{self, Command, Global};
+use clap::{Parser, Subcommand};
+
+/// The walcore operator command: base backups, the catalog, point-in-time restores and pins
+/// of a walcore repository. (PostgreSQL's hooks are walcore-archive and walcore-restore.)
+#[derive(Debug, Parser)]
+#[command(name = "walcore", version, about)]
+struct Args {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Operator,
+}
+
+// Parsed once per process: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Operator {
+    #[command(flatten)]
+    Repository(Command),
+    /// Pin a backup: it will never expire, whatever the retention policy says.
+    Pin {
+        /// The backup ID (see list).
+        id: String,
+        /// Why it is kept (shown by list and show).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Unpin a backup: retention decides about it again.
+    Unpin {
+        /// The backup ID (see list).
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    commands::main(|args: Args| match args.command {
+        Operator::Repository(command) => commands::run(args.global, command),
+        Operator::Pin { id, note } => commands::pin(args.global, id, note),
+        Operator::Unpin { id } => commands::unpin(args.global, id),
+    })
+}

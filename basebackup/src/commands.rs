@@ -1,0 +1,536 @@
+//! The repository commands of `walcore` and `walcore-basebackup`: base backups over the
+//! replication protocol into the walcore repository, the backup catalog, restores to a point in
+//! time, and pins. One set of clap definitions and handlers for both programs; glue only: the
+//! work is in `walcore::backup`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use walcore::backup::pins::{self, PinState};
+use walcore::backup::{
+    self, ArchiveMode, BackupRecord, Request, RestoreOptions, TakeOptions, Target, TargetAction,
+    TargetTimeline, catalog, progress::human,
+};
+use walcore::config::{Layer, parse_duration};
+use walcore::exit::{self, Hook};
+use walcore::replication::Checkpoint;
+use walcore::{Error, ErrorKind};
+
+/// The flags every command takes.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// Repository URL (overrides WALCORE_REPO).
+    #[arg(long, global = true)]
+    repo: Option<String>,
+    /// Compression of stored objects, e.g. zstd:3, zstd:1, none (overrides WALCORE_COMPRESSION).
+    #[arg(long, global = true)]
+    compression: Option<String>,
+    /// Log as JSON lines on stderr; `list` and `show` print JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// The commands on a repository's backups, shared by `walcore` and `walcore-basebackup`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a base backup over the replication protocol; prints the new backup's ID.
+    Take {
+        /// Connection string or URL (libpq style); PGHOST, PGPORT, PGUSER, PGPASSWORD,
+        /// PGPASSFILE and ~/.pgpass fill in the rest.
+        #[arg(short = 'd', long, default_value = "")]
+        dbname: String,
+        /// Backup label.
+        #[arg(short, long)]
+        label: Option<String>,
+        /// fast: checkpoint at once (I/O burst); spread: paced like a regular checkpoint.
+        #[arg(short, long, default_value = "fast", value_parser = parse_checkpoint)]
+        checkpoint: Checkpoint,
+        /// Store the WAL the backup needs inside it (a self-contained backup) instead of
+        /// waiting for archive_command to archive it.
+        #[arg(long)]
+        include_wal: bool,
+        /// How long to wait for the backup's WAL to be archived.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        wal_timeout: Duration,
+        /// Limit the server's transfer rate, in kB/s (32 to 1048576).
+        #[arg(long)]
+        max_rate: Option<u32>,
+        /// Do not verify data page checksums on the server while reading.
+        #[arg(long)]
+        no_verify_checksums: bool,
+        /// Draw no progress line, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// List the complete backups, oldest first.
+    List,
+    /// Show one backup's catalog record.
+    Show {
+        /// The backup ID (see list).
+        id: String,
+    },
+    /// Restore a backup into an empty directory, with the settings that recover it to a
+    /// target when PostgreSQL starts.
+    Restore {
+        /// The new data directory (absent or empty).
+        #[arg(short = 'D', long)]
+        pgdata: PathBuf,
+        /// Recover up to this time (with a zone: '2026-11-30 04:30:12+00').
+        #[arg(long, group = "target")]
+        target_time: Option<String>,
+        /// Recover up to this LSN.
+        #[arg(long, group = "target")]
+        target_lsn: Option<String>,
+        /// Recover up to this transaction.
+        #[arg(long, group = "target")]
+        target_xid: Option<String>,
+        /// Recover up to this restore point (pg_create_restore_point).
+        #[arg(long, group = "target")]
+        target_name: Option<String>,
+        /// Stop as soon as the backup is consistent.
+        #[arg(long, group = "target")]
+        target_immediate: bool,
+        /// Stop just before the target (time, LSN or transaction) instead of just after it.
+        #[arg(long)]
+        target_exclusive: bool,
+        /// What to do at the target.
+        #[arg(long, default_value = "promote")]
+        target_action: TargetAction,
+        /// The timeline to recover along: latest (the newest in the repository), current (the
+        /// backup's), or a timeline ID. The backup is chosen on that timeline's history.
+        #[arg(long, default_value = "latest")]
+        target_timeline: TargetTimeline,
+        /// preserve: keep the backup's archive_mode, for the server that replaces the one backed
+        /// up (it goes on archiving, on a new timeline, into the same repository). off: write
+        /// archive_mode = off, for a clone, a drill or a staging copy, which must never push
+        /// its own timeline into the production repository.
+        #[arg(long, default_value = "preserve", value_name = "off|preserve")]
+        archive_mode: ArchiveMode,
+        /// Print the plan (backup and why, timeline, WAL range, target, settings) and write
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Restore even when the archive does not reach the target yet (PostgreSQL will then
+        /// stop at the end of the archive with "recovery ended before configured recovery
+        /// target was reached" unless more WAL is archived meanwhile).
+        #[arg(long)]
+        allow_unreached_target: bool,
+        /// Restore this backup rather than the newest one that reaches the target.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Put the tablespace at OLD (its location in the backup) at NEW; repeatable.
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
+        tablespace_map: Vec<(String, PathBuf)>,
+        /// The walcore-restore program the restore_command runs (default: the one beside
+        /// this program).
+        #[arg(long)]
+        restore_program: Option<PathBuf>,
+        /// Write this restore_command verbatim instead.
+        #[arg(long, conflicts_with = "restore_program")]
+        restore_command: Option<String>,
+        /// Give the restored files to USER[:GROUP], the user PostgreSQL runs as (root only).
+        /// Default when run as root: the owner of the data directory or of its parent when
+        /// not root, else the `postgres` user.
+        #[arg(long, value_name = "USER[:GROUP]")]
+        owner: Option<String>,
+    },
+}
+
+fn parse_checkpoint(s: &str) -> Result<Checkpoint, String> {
+    match s {
+        "fast" => Ok(Checkpoint::Fast),
+        "spread" => Ok(Checkpoint::Spread),
+        _ => Err(format!("'{s}' is not fast or spread")),
+    }
+}
+
+fn parse_mapping(s: &str) -> Result<(String, PathBuf), String> {
+    let (old, new) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not OLD=NEW"))?;
+    if !old.starts_with('/') || !new.starts_with('/') {
+        return Err(format!("'{s}': both locations must be absolute"));
+    }
+    Ok((old.to_owned(), PathBuf::from(new)))
+}
+
+/// Parses the command line into `A` and runs it with `run`; a usage error exits with the
+/// table's usage code for `Hook::Backup`, `--help` and `--version` with success.
+pub fn main<A: Parser>(run: impl FnOnce(A) -> u8) -> ExitCode {
+    exit::install_panic_exit(Hook::Backup);
+    match A::try_parse() {
+        Ok(args) => ExitCode::from(run(args)),
+        Err(e) => {
+            let _ = e.print();
+            if e.use_stderr() {
+                ExitCode::from(exit::usage(Hook::Backup))
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+fn flags(global: Global) -> (Layer, bool) {
+    let mut flags = Layer::default();
+    flags.set_flag("repo", "--repo", global.repo);
+    flags.set_flag("compression", "--compression", global.compression);
+    (flags, global.json)
+}
+
+/// Runs one repository command; returns the exit code.
+pub fn run(global: Global, command: Command) -> u8 {
+    let (flags, json) = flags(global);
+    match command {
+        Command::Take {
+            dbname,
+            label,
+            checkpoint,
+            include_wal,
+            wal_timeout,
+            max_rate,
+            no_verify_checksums,
+            no_progress,
+        } => {
+            let options = TakeOptions {
+                conninfo: dbname,
+                label,
+                checkpoint,
+                include_wal,
+                wal_timeout,
+                max_rate_kb: max_rate,
+                verify_checksums: !no_verify_checksums,
+                progress_bar: !no_progress && !json && std::io::stderr().is_terminal(),
+            };
+            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+                let record = backup::take::take(&repo, &options).await?;
+                if json {
+                    print_json(&record)?;
+                } else {
+                    println!("{}", record.id);
+                }
+                Ok(())
+            })
+        }
+        Command::List => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+            let records = catalog::list(&repo).await?;
+            let pins = pins::states(&repo).await?;
+            let listed: Vec<Listed> = records
+                .iter()
+                .map(|record| Listed {
+                    record,
+                    pin: pins.get(&record.id).cloned().unwrap_or_default(),
+                })
+                .collect();
+            if json {
+                print_json(&listed)
+            } else {
+                print_table(&listed);
+                Ok(())
+            }
+        }),
+        Command::Show { id } => {
+            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+                let record = catalog::load(&repo, &id).await?;
+                let pin = pins::state(&repo, &id).await?;
+                let listed = Listed {
+                    record: &record,
+                    pin,
+                };
+                if json {
+                    print_json(&listed)
+                } else {
+                    print_record(&listed);
+                    Ok(())
+                }
+            })
+        }
+        Command::Restore {
+            pgdata,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target_immediate,
+            target_exclusive,
+            target_action,
+            target_timeline,
+            archive_mode,
+            dry_run,
+            allow_unreached_target,
+            backup,
+            tablespace_map,
+            restore_program,
+            restore_command,
+            owner,
+        } => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+            let target = if let Some(t) = target_time {
+                Target::parse_time(&t)?
+            } else if let Some(l) = target_lsn {
+                Target::parse_lsn(&l)?
+            } else if let Some(x) = target_xid {
+                Target::parse_xid(&x)?
+            } else if let Some(n) = target_name {
+                Target::Name(n)
+            } else if target_immediate {
+                Target::Immediate
+            } else {
+                Target::End
+            };
+            let restore_command = match restore_command {
+                Some(c) => c,
+                None => {
+                    let program = match restore_program {
+                        Some(p) => p,
+                        None => default_restore_program()?,
+                    };
+                    let (command, note) = backup::restore_command_for(&config, &program);
+                    if let Some(note) = note {
+                        tracing::warn!("{note}");
+                    }
+                    command
+                }
+            };
+            let pgdata = std::path::absolute(&pgdata).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("--pgdata {}: {e}", pgdata.display()),
+                )
+            })?;
+            let owner = walcore::owner::restore_owner(owner.as_deref(), &pgdata)?;
+            let options = RestoreOptions {
+                pgdata,
+                request: Request {
+                    target,
+                    exclusive: target_exclusive,
+                    action: target_action,
+                    timeline: target_timeline,
+                    backup,
+                    archive_mode,
+                    allow_unreached: allow_unreached_target,
+                    restore_command,
+                },
+                tablespace_map,
+                dry_run,
+                owner,
+            };
+            let report = backup::restore::restore(&repo, &options).await?;
+            let plan = &report.plan;
+            if json {
+                let mut value = serde_json::to_value(plan.summary())
+                    .map_err(|e| Error::new(ErrorKind::Internal, format!("encoding JSON: {e}")))?;
+                value["dry_run"] = dry_run.into();
+                value["pgdata"] = serde_json::json!(options.pgdata);
+                value["archiving"] = report.archiving.clone().into();
+                value["owner"] = serde_json::json!(
+                    options
+                        .owner
+                        .map(|o| serde_json::json!({"uid": o.uid, "gid": o.gid}))
+                );
+                if !dry_run {
+                    value["files"] = report.files.into();
+                    value["bytes"] = report.bytes.into();
+                    value["removed_settings"] = serde_json::json!(report.removed_settings);
+                    value["leftovers"] = serde_json::json!(report.leftovers);
+                }
+                print_json(&value)?;
+            } else if dry_run {
+                println!(
+                    "plan for a restore into {} (nothing written):",
+                    options.pgdata.display()
+                );
+                print!("{plan}");
+                println!("archiving: {}", report.archiving);
+            } else {
+                println!(
+                    "restored backup {} ({}) into {}",
+                    plan.backup.id,
+                    plan.reason,
+                    options.pgdata.display()
+                );
+                if !report.removed_settings.is_empty() {
+                    println!(
+                        "removed from the backup's postgresql.auto.conf: {}",
+                        report.removed_settings.join(", ")
+                    );
+                }
+                for leftover in &report.leftovers {
+                    println!("{leftover}");
+                }
+                for note in &plan.notes {
+                    println!("note: {note}");
+                }
+                println!("archiving: {}", report.archiving);
+                if let Some(o) = options.owner {
+                    println!("the restored files belong to {o}: start PostgreSQL as that user");
+                }
+                println!(
+                    "start it with: pg_ctl -D {} start",
+                    options.pgdata.display()
+                );
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// Pins backup `id` (`walcore pin`); returns the exit code.
+pub fn pin(global: Global, id: String, note: Option<String>) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let state = pins::pin(&repo, &id, note.as_deref().unwrap_or("")).await?;
+        if json {
+            print_json(&serde_json::json!({
+                "id": id,
+                "pinned": state.pinned,
+                "pin_note": state.pin_note,
+            }))
+        } else {
+            match &state.pin_note {
+                Some(note) => println!("pinned backup {id}: {note}"),
+                None => println!("pinned backup {id}"),
+            }
+            Ok(())
+        }
+    })
+}
+
+/// Unpins backup `id` (`walcore unpin`); returns the exit code.
+pub fn unpin(global: Global, id: String) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let was_pinned = pins::unpin(&repo, &id).await?;
+        if json {
+            print_json(&serde_json::json!({
+                "id": id,
+                "pinned": false,
+                "pin_note": null,
+                "was_pinned": was_pinned,
+            }))
+        } else {
+            if was_pinned {
+                println!("unpinned backup {id}");
+            } else {
+                println!("backup {id} was not pinned; nothing changed");
+            }
+            Ok(())
+        }
+    })
+}
+
+/// A catalog record with its pin state, as `list` and `show` print it.
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    record: &'a BackupRecord,
+    #[serde(flatten)]
+    pin: PinState,
+}
+
+/// `walcore-restore` beside this program.
+fn default_restore_program() -> Result<PathBuf, Error> {
+    let me = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!("cannot find this program's path ({e}); give --restore-program"),
+        )
+    })?;
+    let candidate = me.with_file_name("walcore-restore");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(Error::new(
+            ErrorKind::Configuration,
+            format!(
+                "no walcore-restore beside {}; give --restore-program PATH",
+                me.display()
+            ),
+        ))
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn print_table(listed: &[Listed]) {
+    if listed.is_empty() {
+        println!("no complete backups");
+        return;
+    }
+    println!(
+        "{:<22} {:<24} {:<14} {:<14} {:>3} {:>10} {:>10} {:<6}  LABEL",
+        "ID", "FINISHED", "START LSN", "STOP LSN", "TL", "SIZE", "STORED", "PINNED"
+    );
+    for Listed { record: r, pin } in listed {
+        let note = match &pin.pin_note {
+            Some(n) => format!("  (pin: {n})"),
+            None => String::new(),
+        };
+        println!(
+            "{:<22} {:<24} {:<14} {:<14} {:>3} {:>10} {:>10} {:<6}  {}{}",
+            r.id,
+            r.stop_time,
+            r.start_lsn.to_string(),
+            r.stop_lsn.to_string(),
+            r.stop_timeline,
+            human(r.data_bytes()),
+            human(r.stored_bytes()),
+            if pin.pinned { "yes" } else { "no" },
+            r.label,
+            note
+        );
+    }
+}
+
+fn print_record(Listed { record: r, pin }: &Listed) {
+    println!("backup            {}", r.id);
+    println!("label             {}", r.label);
+    match (pin.pinned, &pin.pin_note) {
+        (true, Some(note)) => println!("pinned            yes: {note}"),
+        (true, None) => println!("pinned            yes"),
+        (false, _) => println!("pinned            no"),
+    }
+    println!("system identifier {}", r.system_identifier);
+    println!("PostgreSQL        {}", r.pg_version_num);
+    println!(
+        "started           {} at LSN {} (timeline {})",
+        r.start_time, r.start_lsn, r.start_timeline
+    );
+    println!(
+        "finished          {} at LSN {} (timeline {})",
+        r.stop_time, r.stop_lsn, r.stop_timeline
+    );
+    println!("checkpoint        {}", r.checkpoint);
+    println!(
+        "WAL               {}",
+        if r.wal_included {
+            "inside the backup"
+        } else {
+            "in the repository's archive"
+        }
+    );
+    println!(
+        "size              {} ({} stored)",
+        human(r.data_bytes()),
+        human(r.stored_bytes())
+    );
+    for t in &r.tablespaces {
+        println!(
+            "tablespace        {} at {} ({})",
+            t.oid, t.location, t.archive
+        );
+    }
+    for o in &r.objects {
+        println!(
+            "object            {} {} bytes, CRC-32 {:08x}, {} stored",
+            o.key, o.plaintext_len, o.plaintext_crc32, o.stored_len
+        );
+    }
+}
