@@ -318,6 +318,8 @@ pub struct RetentionPlan {
     pub policy: String,
     /// Every backup, newest first.
     pub backups: Vec<BackupDecision>,
+    /// Bytes the expiring backups' objects take (WAL comes on top, once listed).
+    pub expired_bytes: u64,
     /// The WAL to keep, per timeline: sorted, disjoint, non-adjacent ranges.
     pub wal: BTreeMap<TimelineId, Vec<LsnRange>>,
     /// The timelines the plan knows (from a history file or a backup): WAL of any other
@@ -603,12 +605,18 @@ pub fn retention_plan(
                 verdict,
             }
         })
-        .collect();
+        .collect::<Vec<BackupDecision>>();
+    let expired_bytes = backups
+        .iter()
+        .filter(|b| !b.is_kept())
+        .map(|b| b.stored_bytes)
+        .sum();
 
     Ok(RetentionPlan {
         now: now.to_rfc3339_opts(SecondsFormat::Secs, true),
         policy: policy.to_string(),
         backups,
+        expired_bytes,
         wal,
         timelines,
         window,
@@ -671,8 +679,9 @@ impl fmt::Display for RetentionPlan {
         writeln!(f, "retention plan at {} ({})", self.now, self.policy)?;
         writeln!(
             f,
-            "backups: {kept} kept, {} expire",
-            self.backups.len() - kept
+            "backups: {kept} kept, {} expire ({} bytes freed)",
+            self.backups.len() - kept,
+            self.expired_bytes
         )?;
         for b in &self.backups {
             match &b.verdict {

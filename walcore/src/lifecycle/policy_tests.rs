@@ -563,10 +563,18 @@ fn keys_that_cannot_be_classified_are_left_alone_and_history_files_stay() {
 
 #[test]
 fn the_plan_prints_what_goes_and_why_and_serializes() {
-    let b = [
+    let mut b = [
         on_tl1("old", "2026-11-01T00:00:00Z", 1),
         on_tl1("new", "2026-12-03T00:00:00Z", 3),
     ];
+    b[0].objects.push(crate::backup::catalog::ObjectEntry {
+        key: "backup/old/data/base.tar".into(),
+        kind: crate::backup::catalog::ObjectKind::Archive,
+        name: "base.tar".into(),
+        plaintext_len: 4096,
+        plaintext_crc32: 0,
+        stored_len: 1234,
+    });
     let policy = Policy {
         keep_daily: 1,
         pitr_window: Some(DAY),
@@ -583,8 +591,8 @@ fn the_plan_prints_what_goes_and_why_and_serializes() {
     let text = plan.to_string();
     for part in [
         "retention plan at 2026-12-04T00:00:00Z (keep-daily 1, pitr-window 1d)",
-        "backups: 1 kept, 1 expire",
-        "expire old (stopped 2026-11-01T00:00:00.000Z, 0 bytes): no rule keeps it; nearest: \
+        "backups: 1 kept, 1 expire (1234 bytes freed)",
+        "expire old (stopped 2026-11-01T00:00:00.000Z, 1234 bytes): no rule keeps it; nearest: \
          daily (2nd day, 2026-11-01, keep-daily 1)",
         "timeline 1: 0/300028 .. (end)",
         "restorable window: every point from 2026-12-03T00:00:00.000Z (end of backup new)",
@@ -593,6 +601,7 @@ fn the_plan_prints_what_goes_and_why_and_serializes() {
     }
     let json = serde_json::to_value(&plan).expect("json");
     assert_eq!(json["backups"][1]["verdict"], "expire");
+    assert_eq!(json["expired_bytes"], 1234);
     assert_eq!(json["backups"][1]["nearest"]["rule"], "daily");
     assert_eq!(json["backups"][0]["reasons"][0]["rule"], "newest");
     assert_eq!(json["wal"]["1"][0]["from"], "0/300028");
