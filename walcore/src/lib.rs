@@ -21,6 +21,7 @@
 //! - [`config`]: one configuration for every binary (flags, `WALCORE_*`, TOML).
 //! - [`replication`]: a client of PostgreSQL's replication protocol.
 //! - [`backup`]: base backups over that protocol, the backup catalog, and restores to a target.
+//! - [`lifecycle`]: decisions about the whole repository: the retention policy as a pure plan.
 //! - [`ops`]: one operation per binary (with look-ahead archiving and restore prefetch);
 //!   [`exit`] maps their errors to exit codes; [`progress`] ends calls that stall.
 
@@ -29,6 +30,7 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod exit;
+pub mod lifecycle;
 pub mod ops;
 pub mod owner;
 pub mod pg;

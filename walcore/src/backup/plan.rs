@@ -251,7 +251,7 @@ pub struct Facts {
     pub records: Vec<BackupRecord>,
     /// Every timeline history file in the repository, parsed.
     pub histories: BTreeMap<TimelineId, TimelineHistory>,
-    /// The newest stored segment of each timeline on the path ([`Facts::path_timelines`]).
+    /// The newest stored segment of each timeline on the path ([`path_timelines`]).
     pub ends: BTreeMap<TimelineId, ArchivedEnd>,
     pub seg_size: WalSegmentSize,
 }
