@@ -17,7 +17,7 @@
 //! Coordination: the foreground writes `want` (the segment PostgreSQL asked for); the worker
 //! fetches the segments after it, as many as the byte bound holds, evicts the ones before it,
 //! holds `<segment>.lock` while fetching one (a call for that segment waits for it), and exits
-//! after [`WORKER_LINGER`] without a new request, removing what was never asked for.
+//! after `WORKER_LINGER` without a new request, removing what was never asked for.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -262,7 +262,7 @@ pub async fn restore_with_prefetch(
 }
 
 /// The detached worker: keeps the segments after the one PostgreSQL last asked for in the
-/// spool, within the byte bound, until no request came for [`WORKER_LINGER`]. One per spool.
+/// spool, within the byte bound, until no request came for `WORKER_LINGER`. One per spool.
 pub async fn run_worker(repo: &Repository, config: &Config, data_dir: &Path) -> Result<(), Error> {
     run_worker_lingering(repo, config, data_dir, WORKER_LINGER).await
 }

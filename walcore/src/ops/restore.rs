@@ -62,7 +62,7 @@ pub(crate) async fn restore_durable(
     }
 }
 
-/// Removes what killed calls left beside `dest`: our temporary files (see [`temp_path`], and
+/// Removes what killed calls left beside `dest`: our temporary files (see `temp_path`, and
 /// the prefetch's copy across file systems), and nothing else. Only for the `restore_command`
 /// path: PostgreSQL runs one such call at a time per data directory, so a file of this pattern
 /// there belongs to no live call (at most to one orphaned by a killed server, whose file must
