@@ -227,7 +227,7 @@ async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Ba
                 Error::new(
                     ErrorKind::NotFound,
                     format!(
-                        "no backup {id} in {} (walcore-basebackup list shows the complete ones)",
+                        "no backup {id} in {} (walcore list shows the complete ones)",
                         repo.store().describe()
                     ),
                 )

@@ -394,7 +394,7 @@ pub fn plan(facts: &Facts, request: &Request) -> Result<RestorePlan, Error> {
     if records.is_empty() {
         return Err(Error::new(
             ErrorKind::NotFound,
-            "the repository has no complete backup (take one with walcore-basebackup take)",
+            "the repository has no complete backup (take one with walcore take)",
         ));
     }
     if request.exclusive && !request.target.takes_inclusive() {
@@ -431,7 +431,7 @@ pub fn plan(facts: &Facts, request: &Request) -> Result<RestorePlan, Error> {
         let r = records.iter().find(|r| r.id == id).ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
-                format!("no complete backup {id} (walcore-basebackup list shows them)"),
+                format!("no complete backup {id} (walcore list shows them)"),
             )
         })?;
         let path = path_of(
