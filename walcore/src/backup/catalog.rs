@@ -361,6 +361,37 @@ pub fn fuzz_catalog_property(data: &[u8]) -> bool {
     true
 }
 
+/// A record of a small backup of cluster `system_identifier`, for tests.
+#[cfg(test)]
+pub(crate) fn sample_record(id: &str, system_identifier: &str) -> BackupRecord {
+    BackupRecord {
+        format_version: 1,
+        id: id.to_owned(),
+        label: "t".into(),
+        system_identifier: system_identifier.into(),
+        pg_version_num: 150_000,
+        wal_segment_size: 16 << 20,
+        start_lsn: Lsn(0x0200_0028),
+        start_timeline: 1,
+        stop_lsn: Lsn(0x0200_0100),
+        stop_timeline: 1,
+        start_time: "2026-11-30T01:00:00.000Z".into(),
+        stop_time: "2026-11-30T01:00:05.000Z".into(),
+        checkpoint: "fast".into(),
+        wal_included: false,
+        tablespaces: vec![],
+        objects: vec![ObjectEntry {
+            key: archive_key(id, "base.tar"),
+            kind: ObjectKind::Archive,
+            name: "base.tar".into(),
+            plaintext_len: 0,
+            plaintext_crc32: 0,
+            stored_len: 0,
+        }],
+        created_by: "test".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,34 +439,7 @@ mod tests {
             )
         }
 
-        fn record(id: &str, system_identifier: &str) -> BackupRecord {
-            BackupRecord {
-                format_version: 1,
-                id: id.to_owned(),
-                label: "t".into(),
-                system_identifier: system_identifier.into(),
-                pg_version_num: 150_000,
-                wal_segment_size: 16 << 20,
-                start_lsn: Lsn(0x0200_0028),
-                start_timeline: 1,
-                stop_lsn: Lsn(0x0200_0100),
-                stop_timeline: 1,
-                start_time: "2026-11-30T01:00:00.000Z".into(),
-                stop_time: "2026-11-30T01:00:05.000Z".into(),
-                checkpoint: "fast".into(),
-                wal_included: false,
-                tablespaces: vec![],
-                objects: vec![ObjectEntry {
-                    key: archive_key(id, "base.tar"),
-                    kind: ObjectKind::Archive,
-                    name: "base.tar".into(),
-                    plaintext_len: 0,
-                    plaintext_crc32: 0,
-                    stored_len: 0,
-                }],
-                created_by: "test".into(),
-            }
-        }
+        use super::super::sample_record as record;
 
         const A: &str = "20261130T010000Z-aaaa";
         const B: &str = "20261130T020000Z-bbbb";

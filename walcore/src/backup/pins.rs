@@ -312,9 +312,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::backup::catalog::{BackupRecord, ObjectEntry, ObjectKind, archive_key, commit};
+    use crate::backup::catalog::{BackupRecord, commit};
     use crate::codec::{Codec, Compression};
-    use crate::pg::{Lsn, WalSegmentSize};
+    use crate::pg::WalSegmentSize;
     use crate::repo::RepoMeta;
     use crate::store::{LocalStore, Store};
 
@@ -323,32 +323,7 @@ mod tests {
     const UNKNOWN: &str = "20261130T030000Z-cccc";
 
     fn record(id: &str) -> BackupRecord {
-        BackupRecord {
-            format_version: 1,
-            id: id.to_owned(),
-            label: "t".into(),
-            system_identifier: "7000000000000000001".into(),
-            pg_version_num: 150_000,
-            wal_segment_size: 16 << 20,
-            start_lsn: Lsn(0x0200_0028),
-            start_timeline: 1,
-            stop_lsn: Lsn(0x0200_0100),
-            stop_timeline: 1,
-            start_time: "2026-11-30T01:00:00.000Z".into(),
-            stop_time: "2026-11-30T01:00:05.000Z".into(),
-            checkpoint: "fast".into(),
-            wal_included: false,
-            tablespaces: vec![],
-            objects: vec![ObjectEntry {
-                key: archive_key(id, "base.tar"),
-                kind: ObjectKind::Archive,
-                name: "base.tar".into(),
-                plaintext_len: 0,
-                plaintext_crc32: 0,
-                stored_len: 0,
-            }],
-            created_by: "test".into(),
-        }
+        crate::backup::catalog::sample_record(id, "7000000000000000001")
     }
 
     async fn setup(root: &std::path::Path) -> Repository {
