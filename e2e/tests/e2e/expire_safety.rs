@@ -1,0 +1,949 @@
+//! `walcore expire` where it can lose data: killed with SIGKILL at random points and run again
+//! (S3 through a throttling proxy, so that the kill points land inside the run), run in a loop
+//! beside `archive_command` pushes and takes while pgbench writes, and its orphan sweep beside
+//! a killed take and a running one.
+//!
+//! After every kill the repository must still be one in which every listed backup restores and
+//! the restorable window holds: each listed backup has its catalog record, its objects and the
+//! WAL from its start to its stop, the backups the plan keeps are all listed, and no segment of
+//! a WAL range the plan keeps (the window among them) is missing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use walcore_e2e::cluster::pg_bin_dir;
+use walcore_e2e::repo::{Codec, KEY_1, wal_key};
+use walcore_e2e::workload::{create_table, fingerprint, insert_batch};
+use walcore_e2e::{Cluster, FaultProxy, Moto, Repo, bins, moto, sys};
+
+use crate::backup::{Tool, conninfo, empty_cluster, prepare_restored};
+use crate::scenario::{self, ARCHIVE_WAIT, assert_promoted};
+
+/// The shortest orphan grace `expire` accepts; every run here uses it, so that the objects of
+/// a backup whose catalog record a killed run already deleted are swept by the next one.
+const GRACE: &str = "15s";
+const GRACE_TIME: Duration = Duration::from_secs(15);
+
+/// A small xorshift generator. The seed comes from `WALCORE_TEST_SEED` when set (to replay a
+/// failing run) and is always printed.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env_or_clock(test: &str) -> Rng {
+        let seed = std::env::var("WALCORE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                let nanos = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                nanos ^ (u64::from(std::process::id()) << 32)
+            })
+            | 1;
+        eprintln!("{test}: seed {seed} (replay with WALCORE_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x % n.max(1)
+    }
+}
+
+/// `walcore` (the operator command) installed into `cluster`'s `bin/`, with `env`.
+fn walcore(cluster: &Cluster, env: Vec<(String, String)>) -> Tool {
+    Tool {
+        program: cluster.install(bins::WALCORE),
+        env,
+        cwd: cluster.dir().to_path_buf(),
+    }
+}
+
+/// A source cluster archiving with `walcore-archive` into `repo`, started, with table `t`.
+fn source(repo: &Repo, codec: &Codec) -> Cluster {
+    let mut src = Cluster::new();
+    src.archive_with_walcore();
+    src.set_env(&repo.env(codec));
+    src.start();
+    create_table(&src);
+    src
+}
+
+// ---------------------------------------------------------------------------------------------
+// WAL positions and segment names (16 MiB segments unless the record says otherwise).
+
+/// `X/Y` → the 64-bit LSN.
+fn parse_lsn(text: &str) -> u64 {
+    let (hi, lo) = text
+        .split_once('/')
+        .unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    let hi = u64::from_str_radix(hi, 16).unwrap_or_else(|_| panic!("not an LSN: {text:?}"));
+    let lo = u64::from_str_radix(lo, 16).unwrap_or_else(|_| panic!("not an LSN: {text:?}"));
+    (hi << 32) | lo
+}
+
+const SEGMENT: u64 = 16 * 1024 * 1024;
+
+/// The segment number holding `lsn`.
+fn segment_of(lsn: u64, seg_size: u64) -> u64 {
+    lsn / seg_size
+}
+
+/// PostgreSQL's `XLogFileName`: the name of segment `seg` of `timeline`.
+fn segment_name(timeline: u32, seg: u64, seg_size: u64) -> String {
+    let per_log = 0x1_0000_0000 / seg_size;
+    format!("{timeline:08X}{:08X}{:08X}", seg / per_log, seg % per_log)
+}
+
+/// `XLogFromFileName`: (timeline, segment number) of a segment name.
+fn parse_segment(name: &str, seg_size: u64) -> Option<(u32, u64)> {
+    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let tl = u32::from_str_radix(&name[..8], 16).ok()?;
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
+    Some((tl, log * (0x1_0000_0000 / seg_size) + seg))
+}
+
+/// The segments of `timeline` stored in the repository (from its keys).
+fn stored_segments(keys: &BTreeSet<String>, timeline: u32, seg_size: u64) -> BTreeSet<u64> {
+    keys.iter()
+        .filter_map(|k| k.strip_prefix("wal/"))
+        .filter_map(|k| k.rsplit('/').next())
+        .filter_map(|name| parse_segment(name, seg_size))
+        .filter(|(tl, _)| *tl == timeline)
+        .map(|(_, seg)| seg)
+        .collect()
+}
+
+/// The segments of `timeline` from `first` to `last` that the repository lacks, by name.
+fn missing_segments(
+    keys: &BTreeSet<String>,
+    timeline: u32,
+    (first, last): (u64, u64),
+    seg_size: u64,
+) -> Vec<String> {
+    (first..=last)
+        .map(|seg| segment_name(timeline, seg, seg_size))
+        .filter(|name| !keys.contains(&wal_key(name)))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// What `list` shows, and what must hold of it.
+
+/// A backup as `walcore list --json` shows it.
+#[derive(Debug, Clone)]
+struct Listed {
+    id: String,
+    start: (u32, u64),
+    stop: (u32, u64),
+    seg_size: u64,
+    wal_included: bool,
+    objects: Vec<String>,
+    pinned: bool,
+}
+
+fn listed(tool: &Tool) -> Vec<Listed> {
+    let out = tool.ok(&["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("walcore list --json is not JSON ({e}): {out}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("walcore list --json: not an array: {v}"))
+        .iter()
+        .map(|r| {
+            let s = |f: &str| {
+                r[f].as_str()
+                    .unwrap_or_else(|| panic!("list --json: no {f} in {r}"))
+                    .to_owned()
+            };
+            let n = |f: &str| {
+                r[f].as_u64()
+                    .unwrap_or_else(|| panic!("list --json: no {f} in {r}"))
+            };
+            Listed {
+                id: s("id"),
+                start: (n("start_timeline") as u32, parse_lsn(&s("start_lsn"))),
+                stop: (n("stop_timeline") as u32, parse_lsn(&s("stop_lsn"))),
+                seg_size: r["wal_segment_size"].as_u64().unwrap_or(SEGMENT),
+                wal_included: r["wal_included"].as_bool().unwrap_or(false),
+                objects: r["objects"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("list --json: no objects in {r}"))
+                    .iter()
+                    .map(|o| {
+                        o["key"]
+                            .as_str()
+                            .unwrap_or_else(|| panic!("list --json: object without key: {o}"))
+                            .to_owned()
+                    })
+                    .collect(),
+                pinned: r["pinned"].as_bool().unwrap_or(false),
+            }
+        })
+        .collect()
+}
+
+fn ids(backups: &[Listed]) -> BTreeSet<String> {
+    backups.iter().map(|b| b.id.clone()).collect()
+}
+
+/// What backup `b` lacks of what a restore of it reads: its catalog record, its objects, and
+/// (unless it carries its own WAL) every segment from its start to its stop. Empty when it
+/// restores.
+fn backup_lacks(keys: &BTreeSet<String>, b: &Listed) -> Vec<String> {
+    let mut lacks: Vec<String> = std::iter::once(format!("catalog/{}", b.id))
+        .chain(b.objects.iter().cloned())
+        .filter(|k| !keys.contains(k))
+        .collect();
+    if !b.wal_included {
+        assert_eq!(
+            b.start.0, b.stop.0,
+            "backup {} spans timelines; this test makes none",
+            b.id
+        );
+        let range = (
+            segment_of(b.start.1, b.seg_size),
+            segment_of(b.stop.1, b.seg_size),
+        );
+        lacks.extend(
+            missing_segments(keys, b.start.0, range, b.seg_size)
+                .iter()
+                .map(|n| wal_key(n)),
+        );
+    }
+    lacks
+}
+
+/// Asserts that every listed backup has everything a restore of it reads.
+fn assert_listed_backups_intact(keys: &BTreeSet<String>, backups: &[Listed], when: &str) {
+    for b in backups {
+        let lacks = backup_lacks(keys, b);
+        assert!(
+            lacks.is_empty(),
+            "{when}: backup {} is listed but a restore of it would fail: the repository lacks \
+             {lacks:?}",
+            b.id
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan `expire --dry-run --json` prints.
+
+/// What an expire plan promises: the backups it keeps and the WAL ranges it keeps, per
+/// timeline (`None`: to the end of the archive).
+#[derive(Debug, Clone)]
+struct Promise {
+    kept: BTreeSet<String>,
+    expired: BTreeSet<String>,
+    wal: BTreeMap<u32, Vec<(u64, Option<u64>)>>,
+    window: serde_json::Value,
+}
+
+/// Reads the plan out of an `ExpireReport` (`expire --json`).
+fn promise(report: &serde_json::Value) -> Promise {
+    let plan = &report["plan"];
+    let mut kept = BTreeSet::new();
+    let mut expired = BTreeSet::new();
+    for b in plan["backups"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no plan.backups in {report}"))
+    {
+        let id = b["id"].as_str().expect("a backup id").to_owned();
+        match b["verdict"].as_str() {
+            Some("keep") => kept.insert(id),
+            Some("expire") => expired.insert(id),
+            other => panic!("verdict {other:?} of {b}"),
+        };
+    }
+    let mut wal = BTreeMap::new();
+    for (tl, ranges) in plan["wal"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no plan.wal in {report}"))
+    {
+        let tl: u32 = tl.parse().unwrap_or_else(|_| panic!("timeline {tl:?}"));
+        let ranges = ranges
+            .as_array()
+            .expect("ranges")
+            .iter()
+            .map(|r| {
+                let from = parse_lsn(r["from"].as_str().expect("range from"));
+                let to = r["to"].as_str().map(parse_lsn);
+                (from, to)
+            })
+            .collect();
+        wal.insert(tl, ranges);
+    }
+    Promise {
+        kept,
+        expired,
+        wal,
+        window: plan["window"].clone(),
+    }
+}
+
+/// Runs `walcore expire` with `args` and `--json`; returns the report.
+fn expire_json(tool: &Tool, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["expire", "--json"];
+    all.extend_from_slice(args);
+    let out = tool.ok(&all);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("walcore {all:?}: stdout is not JSON ({e}): {out}"))
+}
+
+/// Asserts what must hold after any run of `expire`, complete or killed, of a plan made when
+/// the archive ended at segment `last` (timeline 1):
+/// - every listed backup has everything its restore reads;
+/// - every backup the plan keeps is listed, and nothing unknown is;
+/// - no segment of a WAL range the plan keeps is missing (open ranges: up to `last`).
+fn assert_promise_holds(
+    tool: &Tool,
+    repo: &Repo,
+    promise: &Promise,
+    all: &BTreeSet<String>,
+    last: u64,
+    when: &str,
+) -> Vec<Listed> {
+    let backups = listed(tool);
+    let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+    assert_listed_backups_intact(&keys, &backups, when);
+    let shown = ids(&backups);
+    let gone: Vec<&String> = promise.kept.difference(&shown).collect();
+    assert!(
+        gone.is_empty(),
+        "{when}: backups the plan kept are no longer listed: {gone:?} (listed: {shown:?})"
+    );
+    let strangers: Vec<&String> = shown.difference(all).collect();
+    assert!(
+        strangers.is_empty(),
+        "{when}: unknown backups {strangers:?}"
+    );
+    for (tl, ranges) in &promise.wal {
+        for (from, to) in ranges {
+            let first = segment_of(*from, SEGMENT);
+            let end = to.map_or(last, |to| segment_of(to, SEGMENT));
+            let missing = missing_segments(&keys, *tl, (first, end), SEGMENT);
+            assert!(
+                missing.is_empty(),
+                "{when}: a hole in WAL the plan keeps (timeline {tl}, {} .. {}): {missing:?} \
+                 are gone",
+                segment_name(*tl, first, SEGMENT),
+                segment_name(*tl, end, SEGMENT)
+            );
+        }
+    }
+    backups
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restores.
+
+/// Restores `backup` with `target` (`--target-immediate`, or nothing for the end of the
+/// archive) into a new cluster, recovers it and returns it.
+fn restore(tool: &Tool, env: &[(String, String)], backup: &str, target: &[&str]) -> Cluster {
+    let mut dst = empty_cluster(15);
+    let program = dst.install(bins::RESTORE).to_string_lossy().into_owned();
+    let data = dst.data.to_string_lossy().into_owned();
+    let mut args = vec![
+        "restore",
+        "--pgdata",
+        &data,
+        "--restore-program",
+        &program,
+        "--backup",
+        backup,
+    ];
+    args.extend_from_slice(target);
+    let out = tool.ok(&args);
+    assert!(
+        out.contains(&format!("restored backup {backup}")),
+        "restore {backup}: {out}"
+    );
+    prepare_restored(&mut dst, env);
+    let outcome = scenario::run_recovery(&dst);
+    assert_promoted(&dst, outcome, &format!("restore of {backup} {target:?}"));
+    dst
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. expire killed with SIGKILL at random points.
+
+/// What one round of the kill loop did.
+#[derive(Debug)]
+enum Round {
+    Killed { after_requests: usize },
+    Finished,
+}
+
+/// Starts `expire` through the throttled proxy and kills it with SIGKILL at a random point:
+/// either after a random number of requests (of a run of about `requests`), or a random time
+/// into the `n`th of its batch deletes (DeleteObjects, `POST ...?delete`).
+fn expire_and_kill(
+    tool: &Tool,
+    proxy: &FaultProxy,
+    args: &[&str],
+    requests: usize,
+    rng: &mut Rng,
+) -> Round {
+    let seen_before = proxy.request_lines().len();
+    let by_deletes = rng.below(2) == 1;
+    let wanted = 1 + rng.below(if by_deletes { 3 } else { requests as u64 + 2 }) as usize;
+    let delay = Duration::from_millis(rng.below(if by_deletes { 1500 } else { 400 }));
+    let mut child = tool
+        .command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn walcore expire");
+    let reached = |proxy: &FaultProxy| {
+        let lines = proxy.request_lines();
+        let new = &lines[seen_before.min(lines.len())..];
+        if by_deletes {
+            new.iter().filter(|l| l.contains("?delete")).count() >= wanted
+        } else {
+            new.len() >= wanted
+        }
+    };
+    let started = Instant::now();
+    let mut done = None;
+    while done.is_none() && !reached(proxy) {
+        done = child.try_wait().expect("wait for expire");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "expire neither finished nor reached its kill point"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if done.is_none() {
+        std::thread::sleep(delay);
+        done = child.try_wait().expect("wait for expire");
+    }
+    let round = match done {
+        Some(status) => {
+            let out = child.wait_with_output().expect("expire's output");
+            assert!(
+                status.success(),
+                "expire failed on its own ({status:?}):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Round::Finished
+        }
+        None => {
+            child.kill().expect("SIGKILL expire");
+            let out = child
+                .wait_with_output()
+                .expect("wait for the killed expire");
+            match out.status.signal() {
+                Some(9) => Round::Killed {
+                    after_requests: proxy.request_lines().len() - seen_before,
+                },
+                // It finished between the last look and the kill.
+                _ if out.status.success() => Round::Finished,
+                _ => panic!(
+                    "expire failed on its own ({:?}):\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            }
+        }
+    };
+    let what = match round {
+        Round::Killed { after_requests } => format!("killed after {after_requests} requests"),
+        Round::Finished => "finished before the kill".to_owned(),
+    };
+    eprintln!(
+        "  {} {wanted}, then {delay:?}: {what}",
+        if by_deletes {
+            "kill point: delete"
+        } else {
+            "kill point: request"
+        },
+    );
+    round
+}
+
+/// `expire` killed at random points, then run again: no listed backup, no WAL of the window and
+/// no backup the plan kept is ever lost, and the completed run leaves exactly the plan.
+#[test]
+fn expire_killed_anywhere_loses_no_listed_backup_and_no_window_wal() {
+    if !moto::s3_enabled("expire_safety::expire_killed_anywhere_loses_no_listed_backup") {
+        return;
+    }
+    let t0 = Instant::now();
+    let moto = Moto::shared();
+    let repo = Repo::s3(moto);
+    let codec = Codec::encrypted(KEY_1);
+    let env = repo.env(&codec);
+    let src = source(&repo, &codec);
+    let tool = walcore(&src, env.clone());
+    let mut rng = Rng::from_env_or_clock("expire_killed_anywhere");
+
+    // Five backups with WAL between them: each gap is several segments (switches are cheap:
+    // a switched segment is mostly zeros).
+    let mut taken = Vec::new();
+    let mut rows_at = BTreeMap::new();
+    for b in 0..5 {
+        for s in 0..6 {
+            insert_batch(&src, &format!("b{b}s{s}"), 500);
+            src.switch_wal();
+        }
+        let id = tool.take(&src, &[]);
+        rows_at.insert(id.clone(), fingerprint(&src));
+        taken.push(id);
+    }
+    for s in 0..4 {
+        insert_batch(&src, &format!("tail{s}"), 500);
+        src.switch_wal();
+    }
+    let last_name = src.archive_all(ARCHIVE_WAIT);
+    let last = parse_segment(&last_name, SEGMENT).expect("a segment").1;
+    let end_rows = fingerprint(&src);
+    let taken_done = Instant::now();
+    // Backup 1 is pinned: kept, with the WAL from its start to its stop only.
+    tool.ok(&["pin", &taken[1], "--note", "kept for its own sake"]);
+    eprintln!(
+        "[{:?}] backups {taken:?}, archive up to {last_name}",
+        t0.elapsed()
+    );
+    let all: BTreeSet<String> = taken.iter().cloned().collect();
+
+    let proxy = FaultProxy::start(moto.addr());
+    proxy.throttle(Some(16 * 1024));
+    let slow = Tool {
+        program: tool.program.clone(),
+        env: repo.env_at(&codec, Some(&proxy.endpoint())),
+        cwd: tool.cwd.clone(),
+    };
+    let policy = ["--keep-last", "2", "--orphan-grace", GRACE];
+
+    // The plan, before anything is deleted.
+    let before = proxy.request_lines().len();
+    let mut dry = vec!["--dry-run"];
+    dry.extend_from_slice(&policy);
+    let report = expire_json(&slow, &dry);
+    let reads = proxy.request_lines().len() - before;
+    let promise = promise(&report);
+    eprintln!(
+        "[{:?}] plan ({reads} requests): keeps {:?}, expires {:?}, WAL {:?}, window {}",
+        t0.elapsed(),
+        promise.kept,
+        promise.expired,
+        promise.wal,
+        promise.window
+    );
+    // What keep-last 2 and a pin mean, independently of the plan: the plan must say the same.
+    let want_kept: BTreeSet<String> = [&taken[1], &taken[3], &taken[4]]
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(promise.kept, want_kept, "the plan keeps other backups");
+    assert_eq!(
+        promise.expired,
+        [&taken[0], &taken[2]].into_iter().cloned().collect(),
+        "the plan expires other backups"
+    );
+    let shown = assert_promise_holds(&tool, &repo, &promise, &all, last, "before expire");
+    assert!(shown.iter().any(|b| b.id == taken[1] && b.pinned));
+    // The window, as keep-last 2 means it: from the start of the older of the two newest
+    // backups to the end of the archive; and the pinned backup's own WAL.
+    let by_id: BTreeMap<String, Listed> = shown.into_iter().map(|b| (b.id.clone(), b)).collect();
+    let window_from = segment_of(by_id[&taken[3]].start.1, SEGMENT);
+    let pinned_range = (
+        segment_of(by_id[&taken[1]].start.1, SEGMENT),
+        segment_of(by_id[&taken[1]].stop.1, SEGMENT),
+    );
+    let stored_before = stored_segments(&repo.keys().into_iter().collect(), 1, SEGMENT);
+    assert!(
+        stored_before.iter().filter(|s| **s < window_from).count() >= 20,
+        "too little WAL before the window for expire to delete: {stored_before:?}"
+    );
+
+    let mut run = vec!["expire"];
+    run.extend_from_slice(&policy);
+    let mut kills = 0;
+    let mut rounds = 0;
+    while kills < 10 {
+        rounds += 1;
+        assert!(
+            rounds <= 30,
+            "only {kills} of 30 runs could be killed before they finished"
+        );
+        let round = expire_and_kill(&slow, &proxy, &run, reads + 3, &mut rng);
+        let when = format!("after round {rounds} ({round:?})");
+        assert_promise_holds(&tool, &repo, &promise, &all, last, &when);
+        let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+        let window_missing = missing_segments(&keys, 1, (window_from, last), SEGMENT);
+        assert!(
+            window_missing.is_empty(),
+            "{when}: the window lost {window_missing:?}"
+        );
+        let pinned_missing = missing_segments(&keys, 1, pinned_range, SEGMENT);
+        assert!(
+            pinned_missing.is_empty(),
+            "{when}: the pinned backup lost {pinned_missing:?}"
+        );
+        if matches!(round, Round::Killed { .. }) {
+            kills += 1;
+        }
+    }
+    eprintln!("[{:?}] {kills} kills in {rounds} rounds", t0.elapsed());
+
+    // The objects of a backup whose record a killed run deleted are orphans now: the grace
+    // must have passed since the takes wrote them.
+    if let Some(wait) = (GRACE_TIME + Duration::from_secs(1)).checked_sub(taken_done.elapsed()) {
+        std::thread::sleep(wait);
+    }
+    let report = expire_json(&tool, &policy);
+    eprintln!(
+        "[{:?}] final run: deleted {}",
+        t0.elapsed(),
+        report["deleted"]
+    );
+    let final_backups = assert_promise_holds(&tool, &repo, &promise, &all, last, "final run");
+    assert_eq!(
+        ids(&final_backups),
+        promise.kept,
+        "after a complete run, list must show exactly the plan's kept backups"
+    );
+    let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+    for id in &promise.expired {
+        let left: Vec<&String> = keys.iter().filter(|k| k.contains(id.as_str())).collect();
+        assert!(
+            left.is_empty(),
+            "expired backup {id} still has objects after a complete run: {left:?}"
+        );
+    }
+    // The job is finished: the WAL the plan does not keep is gone, and only that.
+    let stored = stored_segments(&keys, 1, SEGMENT);
+    let needed = |seg: u64| {
+        promise.wal.get(&1).is_some_and(|ranges| {
+            ranges.iter().any(|(from, to)| {
+                segment_of(*from, SEGMENT) <= seg
+                    && to.is_none_or(|to| seg <= segment_of(to, SEGMENT))
+            })
+        })
+    };
+    let unneeded: Vec<String> = stored
+        .iter()
+        .filter(|s| !needed(**s))
+        .map(|s| segment_name(1, *s, SEGMENT))
+        .collect();
+    assert!(
+        unneeded.is_empty(),
+        "a complete run left WAL the plan does not keep: {unneeded:?}"
+    );
+    let again = expire_json(&tool, &policy);
+    assert_eq!(
+        again["deleted"]["wal_objects"].as_u64(),
+        Some(0),
+        "a second complete run found WAL to delete: {again}"
+    );
+
+    // The oldest kept backup (pinned) restores consistently; the newest to the end.
+    let oldest = restore(&tool, &env, &taken[1], &["--target-immediate"]);
+    assert_eq!(
+        fingerprint(&oldest),
+        rows_at[&taken[1]],
+        "pinned backup's rows"
+    );
+    drop(oldest);
+    let newest = restore(&tool, &env, &taken[4], &[]);
+    assert_eq!(fingerprint(&newest), end_rows, "newest backup to the end");
+    eprintln!("[{:?}] done", t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. expire in a loop beside pgbench, archive_command and takes.
+
+/// A pgbench run as the server user on `cluster`, until killed.
+fn pgbench(cluster: &Cluster, args: &[&str]) -> Command {
+    let mut cmd = Command::new(pg_bin_dir().join("pgbench"));
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("LC_ALL", "C")
+        .current_dir(cluster.dir())
+        .arg("-h")
+        .arg(&cluster.sock)
+        .args(["-p", "5432", "-U", "postgres"])
+        .args(args)
+        .arg("postgres");
+    sys::as_server_user(&mut cmd);
+    cmd
+}
+
+/// What pgbench committed: one history row per transaction, and the balances they moved.
+fn pgbench_rows(c: &Cluster) -> String {
+    c.psql(
+        "select (select count(*) || ' transactions, delta ' || coalesce(sum(delta), 0) \
+                 from pgbench_history) || ', balance ' || \
+                (select sum(abalance) from pgbench_accounts)",
+    )
+}
+
+/// `expire --keep-last 2` over and over while pgbench commits, the archiver pushes and backups
+/// are taken: a restore to the end of the archive afterwards has every committed transaction.
+#[test]
+fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
+    let t0 = Instant::now();
+    let repo = Repo::file();
+    let codec = Codec::plain();
+    let env = repo.env(&codec);
+    let mut src = Cluster::new();
+    src.archive_with_walcore();
+    src.set_env(&env);
+    // A segment a second while pgbench runs: the archiver pushes all the time.
+    src.set("archive_timeout", "1s");
+    src.start();
+    let init = sys::run(
+        &mut pgbench(&src, &["-i", "-s", "2", "-q"]),
+        Duration::from_secs(120),
+    );
+    assert!(init.status.success(), "pgbench -i: {}", init.stderr);
+    let tool = walcore(&src, env.clone());
+    let first = tool.take(&src, &[]);
+
+    let mut bench: Child = pgbench(&src, &["-n", "-c", "2", "-j", "2", "-T", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgbench");
+
+    // expire in a loop, in a thread, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = Arc::new(AtomicU32::new(0));
+    let looper = {
+        let stop = stop.clone();
+        let runs = runs.clone();
+        let tool = Tool {
+            program: tool.program.clone(),
+            env: env.clone(),
+            cwd: tool.cwd.clone(),
+        };
+        std::thread::spawn(move || {
+            let mut deleted_wal = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let report = expire_json(&tool, &["--keep-last", "2"]);
+                deleted_wal += report["deleted"]["wal_objects"].as_u64().unwrap_or(0);
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+            deleted_wal
+        })
+    };
+    let mut taken = vec![first];
+    for _ in 0..3 {
+        taken.push(tool.take(&src, &[]));
+    }
+    // A few more runs after the last take, with the archiver still pushing.
+    let runs_after_takes = runs.load(Ordering::SeqCst);
+    sys::wait_for(Duration::from_secs(120), Duration::from_millis(100), || {
+        if runs.load(Ordering::SeqCst) >= runs_after_takes + 3 {
+            Ok(())
+        } else {
+            Err("waiting for expire runs after the last take".to_owned())
+        }
+    });
+    bench.kill().expect("stop pgbench");
+    let _ = bench.wait();
+    stop.store(true, Ordering::SeqCst);
+    let deleted_wal = looper.join().expect("the expire loop");
+    let runs = runs.load(Ordering::SeqCst);
+    eprintln!(
+        "[{:?}] {runs} expire runs deleted {deleted_wal} WAL objects beside takes {taken:?}",
+        t0.elapsed()
+    );
+    assert!(deleted_wal > 0, "the expire loop never deleted WAL");
+
+    let last_name = src.archive_all(ARCHIVE_WAIT);
+    let last = parse_segment(&last_name, SEGMENT).expect("a segment").1;
+    let want = pgbench_rows(&src);
+    let backups = listed(&tool);
+    let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+    assert_listed_backups_intact(&keys, &backups, "after the loop");
+    assert_eq!(
+        ids(&backups),
+        taken[2..].iter().cloned().collect(),
+        "keep-last 2 keeps the two newest"
+    );
+    let oldest = &backups[0];
+    let missing = missing_segments(
+        &keys,
+        1,
+        (segment_of(oldest.start.1, SEGMENT), last),
+        SEGMENT,
+    );
+    assert!(
+        missing.is_empty(),
+        "the window from {} to the end of the archive has holes: {missing:?}",
+        oldest.id
+    );
+    // The oldest kept backup replays every transaction since it, to the end of the archive.
+    let dst = restore(&tool, &env, &oldest.id, &[]);
+    assert_eq!(pgbench_rows(&dst), want, "committed transactions lost");
+    eprintln!("[{:?}] done: {want}", t0.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The orphan sweep.
+
+/// Bytes of every database of `c` (about what `base.tar` will hold).
+fn cluster_bytes(c: &Cluster) -> u64 {
+    c.psql("select sum(pg_database_size(oid)) from pg_database")
+        .parse()
+        .expect("a size")
+}
+
+/// The backup IDs with objects under `backup/` and no catalog record.
+fn unrecorded(keys: &[String]) -> BTreeSet<String> {
+    let recorded: BTreeSet<&str> = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix("catalog/"))
+        .collect();
+    keys.iter()
+        .filter_map(|k| k.strip_prefix("backup/"))
+        .filter_map(|k| k.split('/').next())
+        .filter(|id| !recorded.contains(id))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn under(keys: &[String], id: &str) -> Vec<String> {
+    let prefix = format!("backup/{id}/");
+    keys.iter()
+        .filter(|k| k.starts_with(&prefix))
+        .cloned()
+        .collect()
+}
+
+/// A take killed while `base.tar` uploads leaves objects; `expire` leaves them alone while
+/// they are recent and removes them once the grace is over, while a take that runs during that
+/// expire, longer than the grace, is untouched, completes and restores.
+#[test]
+fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
+    let t0 = Instant::now();
+    let repo = Repo::file();
+    let codec = Codec::encrypted(KEY_1);
+    let env = repo.env(&codec);
+    let src = source(&repo, &codec);
+    insert_batch(&src, "pre", 20_000);
+    src.archive_all(ARCHIVE_WAIT);
+    let tool = walcore(&src, env.clone());
+    let size = cluster_bytes(&src);
+    let policy = ["--keep-last", "100", "--orphan-grace", GRACE];
+
+    // The killed take: slow enough that base.tar is still uploading when it is killed.
+    let rate = (size / 1024 / 20).max(32).to_string();
+    let info = conninfo(&src, "");
+    let mut killed = tool
+        .command(&["take", "--dbname", &info, "--max-rate", &rate])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn take");
+    let orphan = sys::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+        let keys = repo.keys();
+        unrecorded(&keys)
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("waiting for the take's first object: {keys:?}"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    killed.kill().expect("SIGKILL take");
+    let _ = killed.wait();
+    let killed_at = Instant::now();
+    let left = under(&repo.keys(), &orphan);
+    eprintln!(
+        "[{:?}] take {orphan} killed (--max-rate {rate} for {size} bytes), leaving {left:?}",
+        t0.elapsed()
+    );
+    assert!(!left.is_empty());
+    assert!(listed(&tool).is_empty(), "a killed take is listed");
+
+    // Right away: too recent to be swept.
+    let report = expire_json(&tool, &policy);
+    assert_eq!(
+        under(&repo.keys(), &orphan),
+        left,
+        "expire swept a take that stopped less than the grace ago: {report}"
+    );
+
+    // A take that lasts longer than the grace, running while the next expire sweeps.
+    let slow_rate = (size / 1024 / 30).max(32).to_string();
+    let running = tool
+        .command(&["take", "--dbname", &info, "--max-rate", &slow_rate])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the long take");
+    let running_id = sys::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+        unrecorded(&repo.keys())
+            .into_iter()
+            .find(|id| *id != orphan)
+            .ok_or_else(|| "waiting for the long take's first object".to_owned())
+    });
+    let running_started = Instant::now();
+    // Past the grace for the killed take, and the running one has run longer than the grace.
+    let wait = (GRACE_TIME + Duration::from_secs(3))
+        .saturating_sub(killed_at.elapsed())
+        .max((GRACE_TIME + Duration::from_secs(2)).saturating_sub(running_started.elapsed()));
+    std::thread::sleep(wait);
+    let running_before = under(&repo.keys(), &running_id);
+    let report = expire_json(&tool, &policy);
+    eprintln!(
+        "[{:?}] expire beside take {running_id} (running for {:?}): orphans {}",
+        t0.elapsed(),
+        running_started.elapsed(),
+        report["orphans"]
+    );
+    let keys = repo.keys();
+    assert_eq!(
+        under(&keys, &orphan),
+        Vec::<String>::new(),
+        "the killed take's objects outlived the grace"
+    );
+    assert!(
+        keys.iter().all(|k| !k.contains(orphan.as_str())),
+        "something of the killed take is left: {keys:?}"
+    );
+    let running_after = under(&keys, &running_id);
+    for k in &running_before {
+        assert!(
+            running_after.contains(k) || k.contains("/heartbeat/"),
+            "expire deleted {k} of the running take"
+        );
+    }
+
+    let out = running.wait_with_output().expect("the long take");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the take running during expire failed:\n{stderr}"
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(printed, running_id);
+    assert!(
+        running_started.elapsed() > GRACE_TIME,
+        "the take did not outlast the grace; slow it more"
+    );
+    assert_eq!(
+        ids(&listed(&tool)),
+        BTreeSet::from([running_id.clone()]),
+        "list after the sweep"
+    );
+    insert_batch(&src, "post", 3_000);
+    src.archive_all(ARCHIVE_WAIT);
+    let want = fingerprint(&src);
+    let dst = restore(&tool, &env, &running_id, &[]);
+    assert_eq!(fingerprint(&dst), want);
+    eprintln!("[{:?}] done", t0.elapsed());
+}
