@@ -690,20 +690,41 @@ fn pgbench(cluster: &Cluster, args: &[&str]) -> Command {
 
 /// A child process killed (SIGKILL) when dropped, so that a failing test leaves no pgbench or
 /// take running behind it.
-struct Reaped(Child);
+struct Reaped(Option<Child>);
 
 impl Reaped {
+    fn new(child: Child) -> Reaped {
+        Reaped(Some(child))
+    }
+
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
     fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for it to end on its own; its output.
+    fn output(mut self) -> std::process::Output {
+        self.0
+            .take()
+            .expect("a child")
+            .wait_with_output()
+            .expect("wait for a child")
     }
 }
 
 impl Drop for Reaped {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if let Some(c) = self.0.as_mut()
+            && let Ok(None) = c.try_wait()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -739,7 +760,7 @@ fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
     let tool = walcore(&src, env.clone());
     let first = tool.take(&src, &[]);
 
-    let bench = Reaped(
+    let bench = Reaped::new(
         pgbench(&src, &["-n", "-c", "2", "-j", "2", "-T", "600"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -852,9 +873,43 @@ fn under(keys: &[String], id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let out = sys::run(
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string()),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "kill -{signal} {pid}: {}", out.stderr);
+}
+
+/// Starts a take slowed to `rate` kB/s and returns it with its backup ID, once its first
+/// object is in the repository.
+fn slow_take(tool: &Tool, repo: &Repo, info: &str, rate: &str) -> (Reaped, String) {
+    let before = unrecorded(&repo.keys());
+    let child = tool
+        .command(&["take", "--dbname", info, "--max-rate", rate])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn take");
+    let id = sys::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+        let keys = repo.keys();
+        unrecorded(&keys)
+            .difference(&before)
+            .next()
+            .cloned()
+            .ok_or_else(|| format!("waiting for the take's first object: {keys:?}"))
+    });
+    (Reaped::new(child), id)
+}
+
 /// A take killed while `base.tar` uploads leaves objects; `expire` leaves them alone while
 /// they are recent and removes them once the grace is over, while a take that runs during that
-/// expire, longer than the grace, is untouched, completes and restores.
+/// expire, longer than the grace, is untouched, completes and restores. A take stalled (SIGSTOP)
+/// for longer than the grace is swept like a dead one: when it wakes up it must fail, never
+/// record a backup whose objects are gone.
 #[test]
 fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
     let t0 = Instant::now();
@@ -867,57 +922,43 @@ fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
     let tool = walcore(&src, env.clone());
     let size = cluster_bytes(&src);
     let policy = ["--keep-last", "100", "--orphan-grace", GRACE];
-
-    // The killed take: slow enough that base.tar is still uploading when it is killed.
-    let rate = (size / 1024 / 20).max(32).to_string();
     let info = conninfo(&src, "");
-    let mut killed = tool
-        .command(&["take", "--dbname", &info, "--max-rate", &rate])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn take");
-    let orphan = sys::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
-        let keys = repo.keys();
-        unrecorded(&keys)
-            .into_iter()
-            .next()
-            .ok_or_else(|| format!("waiting for the take's first object: {keys:?}"))
-    });
+
+    // The killed take and the stalled one: slow enough that base.tar is still uploading.
+    let rate = (size / 1024 / 20).max(32).to_string();
+    let (killed, orphan) = slow_take(&tool, &repo, &info, &rate);
+    let (stalled, stalled_id) = slow_take(&tool, &repo, &info, &rate);
     std::thread::sleep(Duration::from_secs(3));
-    killed.kill().expect("SIGKILL take");
-    let _ = killed.wait();
+    killed.kill();
+    signal(stalled.id(), "STOP");
     let killed_at = Instant::now();
     let left = under(&repo.keys(), &orphan);
+    let stalled_left = under(&repo.keys(), &stalled_id);
     eprintln!(
-        "[{:?}] take {orphan} killed (--max-rate {rate} for {size} bytes), leaving {left:?}",
+        "[{:?}] take {orphan} killed, take {stalled_id} stopped (--max-rate {rate} for {size} \
+         bytes), leaving {left:?} and {stalled_left:?}",
         t0.elapsed()
     );
-    assert!(!left.is_empty());
-    assert!(listed(&tool).is_empty(), "a killed take is listed");
+    assert!(!left.is_empty() && !stalled_left.is_empty());
+    assert!(
+        listed(&tool).is_empty(),
+        "a take that did not finish is listed"
+    );
 
     // Right away: too recent to be swept.
     let report = expire_json(&tool, &policy);
     assert_eq!(
-        under(&repo.keys(), &orphan),
-        left,
+        (
+            under(&repo.keys(), &orphan),
+            under(&repo.keys(), &stalled_id)
+        ),
+        (left, stalled_left),
         "expire swept a take that stopped less than the grace ago: {report}"
     );
 
     // A take that lasts longer than the grace, running while the next expire sweeps.
     let slow_rate = (size / 1024 / 30).max(32).to_string();
-    let running = tool
-        .command(&["take", "--dbname", &info, "--max-rate", &slow_rate])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the long take");
-    let running_id = sys::wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
-        unrecorded(&repo.keys())
-            .into_iter()
-            .find(|id| *id != orphan)
-            .ok_or_else(|| "waiting for the long take's first object".to_owned())
-    });
+    let (running, running_id) = slow_take(&tool, &repo, &info, &slow_rate);
     let running_started = Instant::now();
     // Past the grace for the killed take, and the running one has run longer than the grace.
     let wait = (GRACE_TIME + Duration::from_secs(3))
@@ -933,11 +974,13 @@ fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
         report["orphans"]
     );
     let keys = repo.keys();
-    assert_eq!(
-        under(&keys, &orphan),
-        Vec::<String>::new(),
-        "the killed take's objects outlived the grace"
-    );
+    for id in [&orphan, &stalled_id] {
+        assert_eq!(
+            under(&keys, id),
+            Vec::<String>::new(),
+            "the objects of take {id} outlived the grace"
+        );
+    }
     // What may stay is the tombstone at catalog/ID, which fails the take if it was only
     // stalled; it must not be a backup.
     assert!(
@@ -947,13 +990,16 @@ fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
     );
     let running_after = under(&keys, &running_id);
     for k in &running_before {
+        // The take itself replaces its heartbeats as it goes.
         assert!(
             running_after.contains(k) || k.contains("/heartbeat/"),
             "expire deleted {k} of the running take"
         );
     }
 
-    let out = running.wait_with_output().expect("the long take");
+    // The stalled take wakes up after the sweep: it must fail and record nothing.
+    signal(stalled.id(), "CONT");
+    let out = running.output();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
@@ -965,11 +1011,30 @@ fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
         running_started.elapsed() > GRACE_TIME,
         "the take did not outlast the grace; slow it more"
     );
+    let woke = stalled.output();
+    eprintln!(
+        "[{:?}] the stalled take ended ({:?}): {}",
+        t0.elapsed(),
+        woke.status,
+        sys::tail(&String::from_utf8_lossy(&woke.stderr), 3)
+    );
+    assert!(
+        !woke.status.success(),
+        "a take swept while stalled recorded backup {}",
+        String::from_utf8_lossy(&woke.stdout)
+    );
     assert_eq!(
         ids(&listed(&tool)),
         BTreeSet::from([running_id.clone()]),
         "list after the sweep"
     );
+    let keys = repo.keys();
+    assert_eq!(
+        under(&keys, &stalled_id),
+        Vec::<String>::new(),
+        "the swept take left objects when it failed"
+    );
+
     insert_batch(&src, "post", 3_000);
     src.archive_all(ARCHIVE_WAIT);
     let want = fingerprint(&src);
