@@ -6,7 +6,10 @@
 //! After every kill the repository must still be one in which every listed backup restores and
 //! the restorable window holds: each listed backup has its catalog record, its objects and the
 //! WAL from its start to its stop, the backups the plan keeps are all listed, and no segment of
-//! a WAL range the plan keeps (the window among them) is missing.
+//! a WAL range the plan keeps (the window among them) is missing. Kills follow one another on
+//! the same repository; once a run has finished the job (or waits for the orphan grace), what
+//! it deleted is put back, so that every kill lands in real work. A final complete run must
+//! leave exactly the plan, and its oldest and newest backups must restore.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
@@ -704,6 +707,10 @@ fn expire_killed_anywhere_loses_no_listed_backup_and_no_window_wal() {
         t0.elapsed()
     );
     assert!(writes > 0, "a complete run deleted nothing");
+    let shown = assert_promise_holds(&tool, &repo, &promise, &all, last, "a complete run");
+    let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+    let left = work_left(&keys, &ids(&shown), &promise);
+    assert!(left.is_empty(), "a complete run left {left:?}");
     snapshot.rewind(&repo);
     let mut fresh_since = Instant::now();
     let (mut kills, mut kills_writing, mut rounds, mut rewinds) = (0, 0, 0, 0);
