@@ -410,19 +410,21 @@ enum KillAt {
     /// answers nothing) and the run is killed while it waits: killed exactly after `n`
     /// requests took effect.
     AfterRequest(usize),
+    /// The same, once its `n`th write (a batch delete, a tombstone) has gone through.
+    AfterWrite(usize),
     /// After `pause` past the moment its `n`th request was sent: inside a throttled request,
     /// or between two.
     Inside(usize, Duration),
 }
 
 /// Draws a kill point for a run of `reads` reads then `writes` writes (batch deletes,
-/// tombstones), each taking about `pause` through the proxy: half of them exactly between
-/// two requests (most of those among the writes), half at a random moment.
+/// tombstones), each taking about `pause` through the proxy: three in four exactly between
+/// two requests (most of those right after a write), one in four at a random moment.
 fn kill_point((reads, writes): (usize, usize), pause: Duration, rng: &mut Rng) -> KillAt {
     let all = (reads + writes) as u64;
     match rng.below(4) {
         0 => KillAt::AfterRequest(1 + rng.below(all) as usize),
-        1 => KillAt::AfterRequest(reads + rng.below(writes as u64 + 1) as usize),
+        1 | 2 => KillAt::AfterWrite(1 + rng.below(writes as u64) as usize),
         _ => KillAt::Inside(
             1 + rng.below(all) as usize,
             Duration::from_millis(rng.below(pause.as_millis() as u64 + 1)),
@@ -439,17 +441,28 @@ fn expire_and_kill(tool: &Tool, proxy: &FaultProxy, args: &[&str], at: KillAt) -
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn walcore expire");
+    let held_before = proxy.faulted();
+    // Requests (and writes among them) that reached the store: the held ones, last, did not.
     let sent = |proxy: &FaultProxy| {
         let lines = proxy.request_lines();
         let new = &lines[seen_before.min(lines.len())..];
-        (new.len(), new.iter().filter(|l| is_write(l)).count())
+        let held = usize::try_from(proxy.faulted() - held_before).unwrap_or(usize::MAX);
+        let through = &new[..new.len().saturating_sub(held)];
+        (
+            through.len(),
+            through.iter().filter(|l| is_write(l)).count(),
+        )
     };
-    let n = match at {
-        KillAt::AfterRequest(n) | KillAt::Inside(n, _) => n,
+    let reached = |proxy: &FaultProxy| {
+        let (requests, writes) = sent(proxy);
+        match at {
+            KillAt::AfterRequest(n) | KillAt::Inside(n, _) => requests >= n,
+            KillAt::AfterWrite(n) => writes >= n,
+        }
     };
     let started = Instant::now();
     let mut done = None;
-    while done.is_none() && sent(proxy).0 < n {
+    while done.is_none() && !reached(proxy) {
         done = child.try_wait().expect("wait for expire");
         assert!(
             started.elapsed() < Duration::from_secs(120),
@@ -459,7 +472,7 @@ fn expire_and_kill(tool: &Tool, proxy: &FaultProxy, args: &[&str], at: KillAt) -
     }
     if done.is_none() {
         match at {
-            KillAt::AfterRequest(_) => {
+            KillAt::AfterRequest(_) | KillAt::AfterWrite(_) => {
                 // Every request from here on is held; wait until the run is stuck on one.
                 proxy.fail_each("HTTP/", Fault::Stall);
                 while done.is_none() && proxy.stalled() == 0 {
@@ -520,6 +533,23 @@ fn expire_and_kill(tool: &Tool, proxy: &FaultProxy, args: &[&str], at: KillAt) -
     };
     eprintln!("  kill point {at:?}: {what}");
     round
+}
+
+/// Deletes `key` from the S3 repository `repo` on `moto`, as a run killed right after that
+/// delete would leave it.
+fn delete_object(moto: &Moto, repo: &Repo, key: &str) {
+    let path = repo
+        .url()
+        .strip_prefix("s3://")
+        .map(|bucket_prefix| format!("/{bucket_prefix}/{key}"))
+        .expect("an S3 repository");
+    let r = walcore_e2e::http::request(moto.addr(), "DELETE", &path, b"")
+        .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
+    assert!(
+        r.status == 204 || r.status == 200,
+        "DELETE {path}: HTTP {}",
+        r.status
+    );
 }
 
 /// What a complete run of `promise` has still to delete: listed backups it expires, objects
@@ -712,7 +742,6 @@ fn expire_killed_anywhere_loses_no_listed_backup_and_no_window_wal() {
     let left = work_left(&keys, &ids(&shown), &promise);
     assert!(left.is_empty(), "a complete run left {left:?}");
     snapshot.rewind(&repo);
-    let mut fresh_since = Instant::now();
     let (mut kills, mut kills_writing, mut rounds, mut rewinds) = (0, 0, 0, 0);
     while kills < KILLS.0 || kills_writing < KILLS.1 {
         rounds += 1;
@@ -748,7 +777,6 @@ fn expire_killed_anywhere_loses_no_listed_backup_and_no_window_wal() {
         let waiting = matches!(round, Round::Finished { writes: 0 });
         if waiting || work_left(&keys, &ids(&shown), &promise).is_empty() {
             let n = snapshot.rewind(&repo);
-            fresh_since = Instant::now();
             rewinds += 1;
             eprintln!("  {n} objects put back");
         }
@@ -759,11 +787,33 @@ fn expire_killed_anywhere_loses_no_listed_backup_and_no_window_wal() {
         t0.elapsed()
     );
 
-    // The objects of a backup whose record a killed run deleted are leftovers now: the grace
-    // must have passed since they were written.
+    // Then the sweep: a run killed right after its first write (the expired backups' records)
+    // leaves their objects as leftovers, which runs sweep behind a tombstone once the grace
+    // has passed since they were written; kill those runs too.
+    snapshot.rewind(&repo);
+    let fresh_since = Instant::now();
+    for id in &promise.expired {
+        delete_object(moto, &repo, &format!("catalog/{id}"));
+    }
+    let shown = assert_promise_holds(&tool, &repo, &promise, &all, last, "records deleted");
+    assert_eq!(ids(&shown), promise.kept, "records deleted");
     if let Some(wait) = (GRACE_TIME + Duration::from_secs(1)).checked_sub(fresh_since.elapsed()) {
         std::thread::sleep(wait);
     }
+    for sweep_round in 1..=4 {
+        let at = kill_point((reads, writes + 6), pause, &mut rng);
+        let round = expire_and_kill(&slow, &proxy, &run, at);
+        let when = format!("after sweep round {sweep_round} ({round:?})");
+        let shown = assert_promise_holds(&tool, &repo, &promise, &all, last, &when);
+        let keys: BTreeSet<String> = repo.keys().into_iter().collect();
+        if matches!(round, Round::Killed { .. }) {
+            kills += 1;
+        }
+        if work_left(&keys, &ids(&shown), &promise).is_empty() {
+            break;
+        }
+    }
+    eprintln!("[{:?}] {kills} kills in all", t0.elapsed());
     let report = expire_json(&tool, &policy);
     eprintln!(
         "[{:?}] final run: deleted {}",
