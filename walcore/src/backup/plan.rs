@@ -893,9 +893,6 @@ pub async fn check_wal_after_stop(
     if plan.target == Target::Immediate {
         return Ok(());
     }
-    let Some(end) = &plan.wal_end else {
-        return Ok(());
-    };
     let seg = facts.seg_size;
     let next = SegmentNo(plan.backup.stop_lsn.segment(seg).0 + 1);
     let first_byte = next.start_lsn(seg);
@@ -906,14 +903,6 @@ pub async fn check_wal_after_stop(
     ]
     .into_iter()
     .collect();
-    let end_segno = end
-        .segment
-        .segno(seg)
-        .map_err(|e| Error::new(ErrorKind::Integrity, format!("{}: {e}", end.segment)))?;
-    // The archive does not reach past the stop yet: "unreached", judged by the plan.
-    if end_segno <= next {
-        return Ok(());
-    }
     let store = repo.store().describe();
     for tli in &timelines {
         let key = wal_key(&WalFileName::segment(*tli, next, seg));
@@ -929,15 +918,29 @@ pub async fn check_wal_after_stop(
             return Ok(());
         }
     }
+    // Not stored: the end of the archive (fine), or a hole when later WAL is stored.
+    let end = match &plan.wal_end {
+        Some(end) => Some(end.clone()),
+        None => newest_segment(repo, plan.path.timeline(), seg).await?,
+    };
+    let Some(end) = end else {
+        return Ok(());
+    };
+    let later = end.segment.timeline() > *timelines.iter().next_back().unwrap_or(&TimelineId(0))
+        || end.segment.segno(seg).is_ok_and(|s| s > next);
+    if !later {
+        return Ok(());
+    }
     let missing = WalFileName::segment(plan.path.timeline_at(first_byte), next, seg);
     Err(Error::new(
         ErrorKind::InvalidInput,
         format!(
-            "the target {} is outside the restorable window: WAL segment {missing}, which \
-             recovery from backup {} needs right after its end ({}), is not in {store} while \
-             later WAL ({}) is; retention expired it (walcore expire --dry-run shows the window \
-             that remains), or it was lost. Nothing was written. Restore a target inside the \
-             window, or this backup to its consistent point with --target-immediate",
+            "the target ({}) cannot be reached from backup {}: WAL segment {missing}, which \
+             recovery needs right after the backup's end ({}), is not in {store} while later \
+             WAL ({}) is. Retention expired it, so the target lies outside the restorable \
+             window that remains (walcore expire --dry-run shows it), or it was lost. Nothing \
+             was written. Restore a target inside the window, or this backup to its consistent \
+             point with --target-immediate",
             plan.target.describe(),
             plan.backup.id,
             plan.backup.stop_time,
