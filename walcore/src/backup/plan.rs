@@ -545,7 +545,22 @@ pub fn plan(facts: &Facts, request: &Request) -> Result<RestorePlan, Error> {
         }
     }
     let action = request.action;
-    let settings = settings(request, action);
+    let mut settings = settings(request, action);
+    if *target == Target::Immediate {
+        // Recovery to the consistent point reads no WAL past the stop segment, but PostgreSQL
+        // reads ahead (and prefetches) past it; when retention expired what follows, that
+        // read must meet "absent", not a hole.
+        let last = WalFileName::segment(
+            TimelineId(chosen.stop_timeline),
+            chosen.stop_lsn.segment(facts.seg_size),
+            facts.seg_size,
+        );
+        for (name, value) in &mut settings {
+            if *name == "restore_command" {
+                *value = bounded_restore_command(value, &last);
+            }
+        }
+    }
     Ok(RestorePlan {
         backup: chosen.clone(),
         reason,
@@ -672,6 +687,17 @@ fn settings(request: &Request, action: TargetAction) -> Vec<(&'static str, Strin
         out.push(("archive_mode", "off".to_owned()));
     }
     out
+}
+
+/// A `walcore-restore` command told that recovery needs nothing past segment `last`
+/// (`--last-needed`); any other command is left as it is.
+fn bounded_restore_command(command: &str, last: &WalFileName) -> String {
+    match command.strip_suffix(" %f %p") {
+        Some(head) if head.contains("walcore-restore") => {
+            format!("{head} --last-needed {last} %f %p")
+        }
+        _ => command.to_owned(),
+    }
 }
 
 /// Quotes a value for `postgresql.conf`.
