@@ -10,6 +10,7 @@ use clap::Parser;
 use walcore::config::Layer;
 use walcore::exit::{self, Hook};
 use walcore::ops::prefetch;
+use walcore::pg::WalFileName;
 
 /// Restore one WAL file from the walcore repository (restore_command = 'walcore-restore %f %p').
 #[derive(Debug, Parser)]
@@ -25,6 +26,10 @@ struct Args {
     /// itself).
     #[arg(long, hide = true, value_name = "DATA_DIR", conflicts_with_all = ["name", "dest"])]
     prefetch_worker: Option<PathBuf>,
+    /// Recovery needs no WAL past this segment (a restore to a backup's consistent point): a
+    /// later segment that is not stored is reported absent, never as a hole in the archive.
+    #[arg(long, value_name = "SEGMENT")]
+    last_needed: Option<String>,
     /// The WAL file PostgreSQL asks for: %f.
     #[arg(required_unless_present = "prefetch_worker")]
     name: Option<String>,
@@ -69,6 +74,31 @@ fn main() -> ExitCode {
     let (Some(name), Some(dest)) = (args.name, args.dest) else {
         return ExitCode::from(exit::usage(Hook::Restore));
     };
+    let beyond = match args.last_needed.as_deref().map(past_last_needed) {
+        None => false,
+        Some(Ok(test)) => test(&name),
+        Some(Err(why)) => {
+            eprintln!("--last-needed: {why}");
+            return ExitCode::from(exit::usage(Hook::Restore));
+        }
+    };
+    if beyond {
+        // Read ahead past the consistent point: served if stored, absent if not.
+        return ExitCode::from(walcore::ops::run_hook(
+            Hook::Restore,
+            flags,
+            args.json,
+            |repo, _| async move {
+                walcore::ops::restore::restore_file_with(
+                    &repo,
+                    &name,
+                    &dest,
+                    walcore::ops::restore::Durability::Durable,
+                )
+                .await
+            },
+        ));
+    }
     ExitCode::from(walcore::ops::run_hook(
         Hook::Restore,
         flags,
@@ -77,4 +107,19 @@ fn main() -> ExitCode {
             prefetch::restore_with_prefetch(&repo, &config, &name, &dest, Some(&passed)).await
         },
     ))
+}
+
+/// For `--last-needed SEGMENT`: a test of whether a requested file is a segment after it (of
+/// any timeline), or why SEGMENT is not a segment name.
+fn past_last_needed(last: &str) -> Result<impl Fn(&str) -> bool, String> {
+    let segno = |name: &str| {
+        let n = WalFileName::parse(name)
+            .ok()
+            .filter(WalFileName::is_segment)?;
+        // The position part of a segment name (log and segment numbers) orders segments
+        // whatever the segment size.
+        Some(n.to_string()[8..].to_owned())
+    };
+    let last = segno(last).ok_or_else(|| format!("{last:?} is not a WAL segment name"))?;
+    Ok(move |name: &str| segno(name).is_some_and(|s| s > last))
 }

@@ -358,3 +358,20 @@ fn timelines_and_archive_modes_parse() {
     assert!("on".parse::<ArchiveMode>().is_err());
     assert_eq!(escape_percent("a%b%%"), "a%%b%%%%");
 }
+
+#[test]
+fn a_restore_to_the_consistent_point_tells_walcore_restore_the_last_segment_it_needs() {
+    let seg = WalSegmentSize::new(16 << 20).expect("size");
+    let last = WalFileName::segment(TimelineId(2), crate::pg::SegmentNo(0x10C), seg);
+    assert_eq!(
+        super::bounded_restore_command(
+            "WALCORE_REPO=file:///r '/usr/bin/walcore-restore' %f %p",
+            &last
+        ),
+        "WALCORE_REPO=file:///r '/usr/bin/walcore-restore' --last-needed 00000002000000010000000C %f %p"
+    );
+    // A command of the user's own is written as given.
+    for own in ["cp /archive/%f %p", "/usr/bin/walcore-restore %f %p --json"] {
+        assert_eq!(super::bounded_restore_command(own, &last), own);
+    }
+}
