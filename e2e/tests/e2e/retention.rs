@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use walcore_e2e::repo::{Codec, KEY_1, wal_key};
-use walcore_e2e::sys::{self, Output};
+use walcore_e2e::sys::Output;
 use walcore_e2e::workload::{create_table, fingerprint, insert_batch};
 use walcore_e2e::{Cluster, Moto, Repo, bins, moto};
 
@@ -255,6 +255,18 @@ fn take_at(tool: &Tool, src: &Cluster, repo: &Repo, at: &str) -> Value {
     }
     assert_wal_of_record_stored(repo, &record);
     record
+}
+
+/// `walcore take --json` in real time; returns the catalog record.
+fn take(tool: &Tool, src: &Cluster) -> Value {
+    let conninfo = conninfo(src, "");
+    let out = tool.ok(&["take", "--dbname", &conninfo, "--json"]);
+    serde_json::from_str(&out).expect("take --json prints the record")
+}
+
+/// The ID of a catalog record.
+fn id_of(record: &Value) -> String {
+    record["id"].as_str().expect("an id").to_owned()
 }
 
 /// Every segment a backup needs (start to the byte before stop) is stored.
@@ -556,11 +568,9 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) {
     std::thread::sleep(Duration::from_millis(1100));
     let t1 = src.psql("select clock_timestamp()");
     std::thread::sleep(Duration::from_millis(1100));
-    let conninfo = conninfo(&src, "");
-    let r2: Value = serde_json::from_str(&tool.ok(&["take", "--dbname", &conninfo, "--json"]))
-        .expect("take --json");
+    let r2 = take(&tool, &src);
     let after_r2 = Instant::now();
-    let r2_id = r2["id"].as_str().expect("an id").to_owned();
+    let r2_id = id_of(&r2);
     std::thread::sleep(Duration::from_millis(1100));
     insert_batch(&src, "w2", 500);
     let rows_t2 = fingerprint(&src);
@@ -650,4 +660,96 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) {
         "the pinned backup restored other rows"
     );
     eprintln!("[{:?}] done", t0.elapsed());
+}
+
+/// A timeline switch: a restore of an old backup promoted to timeline 2 archives into the same
+/// repository while the original cluster goes on on timeline 1. `expire --keep-last 2` keeps the
+/// newest backup of each timeline; the WAL each needs stays (timeline 2's names sort after every
+/// name of timeline 1: ordering by name would take timeline 1's newest WAL for the oldest), and
+/// both restore to the end of their timeline with every row.
+#[test]
+fn expire_after_a_timeline_switch_loses_no_row_of_either_timeline() {
+    let repo = Repo::file();
+    let env = repo.env(&Codec::plain());
+
+    // A, timeline 1: backup 1.
+    let mut a = Cluster::new();
+    a.archive_with_walcore();
+    a.set_env(&env);
+    a.start();
+    create_table(&a);
+    insert_batch(&a, "a", 2_000);
+    let tool = Tool {
+        program: a.install(bins::WALCORE),
+        env: env.clone(),
+        cwd: a.dir().to_path_buf(),
+    };
+    let backup1 = take(&tool, &a);
+    insert_batch(&a, "b", 2_000);
+    a.archive_all(ARCHIVE_WAIT);
+
+    // B: backup 1 to its end, promoted onto timeline 2, archiving into the same repository;
+    // backup 2 on timeline 2.
+    let (mut b, out) = restore_into(&tool, &["--target-immediate"]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    b.set("unix_socket_directories", &b.sock.to_string_lossy());
+    b.set_env(&env);
+    b.archive_with_walcore();
+    assert_promoted(&b, scenario::run_recovery(&b), "B (immediate)");
+    assert_eq!(
+        b.psql("select timeline_id from pg_control_checkpoint()"),
+        "2"
+    );
+    insert_batch(&b, "c", 2_000);
+    let tool_b = Tool {
+        program: b.install(bins::WALCORE),
+        env: env.clone(),
+        cwd: b.dir().to_path_buf(),
+    };
+    let backup2 = take(&tool_b, &b);
+    assert_eq!(backup2["stop_timeline"], 2);
+    insert_batch(&b, "d", 2_000);
+    b.archive_all(ARCHIVE_WAIT);
+    let rows_b = fingerprint(&b);
+
+    // A goes on, on timeline 1: backup 3, the newest.
+    insert_batch(&a, "e", 2_000);
+    let backup3 = take(&tool, &a);
+    assert_eq!(backup3["stop_timeline"], 1);
+    insert_batch(&a, "f", 2_000);
+    a.archive_all(ARCHIVE_WAIT);
+    let rows_a = fingerprint(&a);
+    drop(b);
+
+    let (id1, id2, id3) = (id_of(&backup1), id_of(&backup2), id_of(&backup3));
+    let seg_size = backup1["wal_segment_size"]
+        .as_u64()
+        .expect("wal_segment_size");
+    let before = repo.keys();
+    assert!(before.contains(&wal_key("00000002.history")), "{before:#?}");
+    let report = expire(&tool, &["--keep-last", "2"]);
+    assert_eq!(
+        verdicts(&report),
+        expected_verdicts(
+            &[id1.clone(), id2.clone(), id3.clone()],
+            &[
+                (id3.as_str(), &["newest", "last"]),
+                (id2.as_str(), &["last"])
+            ]
+        )
+    );
+    assert_eq!(listed(&tool), BTreeSet::from([id2.clone(), id3.clone()]));
+    assert_repository_after_expire(
+        &repo,
+        &before,
+        &[id1],
+        &[from_start(&backup3), from_start(&backup2)],
+        seg_size,
+    );
+
+    // Timeline 1 to its end from backup 3; timeline 2 (the latest) to its end from backup 2.
+    let rows = restore_rows(&tool, &env, &["--target-timeline", "1"], &id3);
+    assert_eq!(rows, rows_a, "timeline 1 restored without every row");
+    let rows = restore_rows(&tool, &env, &[], &id2);
+    assert_eq!(rows, rows_b, "timeline 2 restored without every row");
 }
