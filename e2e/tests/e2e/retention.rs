@@ -107,8 +107,11 @@ const fn d(at: &'static str, week: &'static str, keep: &'static [&'static str]) 
 /// The take of [`PLAN`] that gets pinned (kept above by `keep-monthly` and `keep-yearly` only).
 const PINNED: usize = 2;
 
+/// The calendar bucket of a take, for one of the rules with a count.
+type Bucket = fn(&Dated) -> String;
+
 /// The rules with a count, as (name, count under 7/4/12/7, bucket of a take).
-fn gfs_rules() -> [(&'static str, usize, fn(&Dated) -> String); 4] {
+fn gfs_rules() -> [(&'static str, usize, Bucket); 4] {
     [
         ("daily", 7, |d| d.at[..10].to_owned()),
         ("weekly", 4, |d| d.week.to_owned()),
