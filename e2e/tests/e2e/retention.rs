@@ -514,6 +514,7 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) {
     dry_args.push("--dry-run");
     let report = expire(&tool, &dry_args);
     assert_eq!(report["dry_run"], true, "{report:#}");
+    assert_eq!(report["deleted"]["backups"], 0, "{:#}", report["deleted"]);
     assert_eq!(
         verdicts(&report),
         want,
@@ -531,6 +532,7 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) {
     // its own start to stop).
     let report = expire(&tool, &GFS);
     assert_eq!(report["dry_run"], false, "{report:#}");
+    assert_eq!(report["deleted"]["backups"], 4, "{:#}", report["deleted"]);
     assert_eq!(
         verdicts(&report),
         want,
