@@ -218,6 +218,43 @@ pub async fn load(repo: &Repository, id: &str) -> Result<BackupRecord, Error> {
 }
 
 async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<BackupRecord, Error> {
+    match load_entry(repo, id, meta).await? {
+        Entry::Record(r) => Ok(r),
+        Entry::Tombstone(t) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no backup {id} in {}: its take never finished, and its leftovers were swept \
+                 at {} (walcore list shows the complete backups)",
+                repo.store().describe(),
+                t.time
+            ),
+        )),
+    }
+}
+
+/// What `catalog/ID` holds: a backup's record, or the tombstone of a take that never finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Record(BackupRecord),
+    Tombstone(Tombstone),
+}
+
+/// Written at `catalog/ID` by `expire` before it deletes the leftovers of a take that never
+/// wrote its record (FORMAT.md §6.2): the create-only write that wins the race against that
+/// take's own record, so a take that was only stalled fails instead of recording a backup
+/// whose objects are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub format_version: u32,
+    pub id: String,
+    /// Why the ID is dead, in words.
+    pub tombstone: String,
+    pub time: String,
+    pub created_by: String,
+}
+
+/// Reads `catalog/ID`: a checked record or a tombstone; `NotFound` when neither exists.
+async fn load_entry(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Entry, Error> {
     let key = catalog_key(id);
     let bytes = repo
         .with_retry(&format!("reading {key}"), || repo.get_small(&key))
@@ -235,12 +272,24 @@ async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Ba
                 e
             }
         })?;
-    let record: BackupRecord = serde_json::from_slice(&bytes).map_err(|e| {
+    let bad = |e: serde_json::Error| {
         Error::new(
             ErrorKind::Integrity,
             format!("catalog record {key} in {}: {e}", repo.store().describe()),
         )
-    })?;
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(bad)?;
+    if value.get("tombstone").is_some() {
+        let t: Tombstone = serde_json::from_value(value).map_err(bad)?;
+        if t.id != id {
+            return Err(Error::new(
+                ErrorKind::Integrity,
+                format!("catalog tombstone {key}: it names backup {}", t.id),
+            ));
+        }
+        return Ok(Entry::Tombstone(t));
+    }
+    let record: BackupRecord = serde_json::from_value(value).map_err(bad)?;
     record.check(&key)?;
     if record.system_identifier != meta.system_identifier {
         return Err(Error::new(
@@ -254,7 +303,7 @@ async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Ba
             ),
         ));
     }
-    Ok(record)
+    Ok(Entry::Record(record))
 }
 
 /// The catalog: the complete backups that could be read, oldest first, and an error for each
@@ -263,6 +312,10 @@ async fn load_checked(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Ba
 pub struct Listing {
     pub records: Vec<BackupRecord>,
     pub unreadable: Vec<Error>,
+    /// The IDs of the unreadable records, in the order of `unreadable`.
+    pub unreadable_ids: Vec<String>,
+    /// IDs whose `catalog/ID` is a tombstone: takes that never finished.
+    pub tombstones: Vec<String>,
 }
 
 /// Reads every catalog record. A record that cannot be read or fails its checks does not hide
@@ -289,13 +342,21 @@ pub async fn scan(repo: &Repository) -> Result<Listing, Error> {
     let mut listing = Listing {
         records: Vec::with_capacity(ids.len()),
         unreadable: Vec::new(),
+        unreadable_ids: Vec::new(),
+        tombstones: Vec::new(),
     };
     for id in ids {
-        match load_checked(repo, &id, &meta).await {
-            Ok(r) => listing.records.push(r),
+        match load_entry(repo, &id, &meta).await {
+            Ok(Entry::Record(r)) => listing.records.push(r),
+            Ok(Entry::Tombstone(_)) => listing.tombstones.push(id),
+            // Deleted between the listing and the read (a concurrent expire).
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
             // Retries are spent: the store is down, not the record bad.
             Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
-            Err(e) => listing.unreadable.push(e),
+            Err(e) => {
+                listing.unreadable.push(e);
+                listing.unreadable_ids.push(id);
+            }
         }
     }
     Ok(listing)
@@ -325,8 +386,18 @@ pub async fn commit(repo: &Repository, record: &BackupRecord) -> Result<(), Erro
         crate::store::PutOutcome::Created => Ok(()),
         crate::store::PutOutcome::AlreadyExists => {
             // A retried write whose first attempt landed reads back as our own record.
-            match load(repo, &record.id).await {
-                Ok(stored) if stored == *record => Ok(()),
+            let meta = repository_meta(repo).await?;
+            match load_entry(repo, &record.id, &meta).await {
+                Ok(Entry::Record(stored)) if stored == *record => Ok(()),
+                Ok(Entry::Tombstone(t)) => Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "backup {} was given up as the leftovers of a take that never \
+                         finished ({}, at {}): this take made no progress for longer than \
+                         expire's orphan grace, and its objects are gone; it was not recorded",
+                        record.id, t.tombstone, t.time
+                    ),
+                )),
                 _ => Err(Error::new(
                     ErrorKind::Conflict,
                     format!(
@@ -338,6 +409,64 @@ pub async fn commit(repo: &Repository, record: &BackupRecord) -> Result<(), Erro
             }
         }
     }
+}
+
+/// What [`bury`] found at `catalog/ID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Burial {
+    /// The tombstone was written: no take can record this ID any more.
+    Buried,
+    /// A tombstone was already there (an earlier sweep that did not finish).
+    AlreadyBuried,
+    /// A backup record is there: the take finished, nothing may be swept.
+    Recorded,
+}
+
+/// Writes a tombstone at `catalog/ID`, create-only (FORMAT.md §6.2).
+pub async fn bury(repo: &Repository, id: &str, why: &str) -> Result<Burial, Error> {
+    let key = catalog_key(id);
+    let tombstone = Tombstone {
+        format_version: 1,
+        id: id.to_owned(),
+        tombstone: why.to_owned(),
+        time: format_time(SystemTime::now()),
+        created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
+    };
+    let json = serde_json::to_vec_pretty(&tombstone)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    let outcome = repo
+        .with_retry(&format!("writing {key}"), || {
+            repo.put_small(&key, json.clone())
+        })
+        .await?;
+    if outcome == crate::store::PutOutcome::Created {
+        return Ok(Burial::Buried);
+    }
+    let meta = repository_meta(repo).await?;
+    match load_entry(repo, id, &meta).await {
+        Ok(Entry::Tombstone(_)) => Ok(Burial::AlreadyBuried),
+        Ok(Entry::Record(_)) => Ok(Burial::Recorded),
+        // Something is there that is not ours to judge: treat it as a record.
+        Err(e) if e.kind() != ErrorKind::Transient && e.kind() != ErrorKind::NotFound => {
+            tracing::warn!("{key} is there but unreadable; its backup is left alone: {e:#}");
+            Ok(Burial::Recorded)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `catalog/ID` (a record: the backup leaves the catalog; a tombstone: once its ID's
+/// leftovers are gone).
+pub async fn remove(repo: &Repository, id: &str) -> Result<(), Error> {
+    let key = catalog_key(id);
+    let store = repo.store().describe();
+    repo.with_retry(&format!("deleting {key}"), || async {
+        repo.store()
+            .delete(&key)
+            .await
+            .map_err(|e| e.into_error("deleting", &key, &store))
+    })
+    .await
 }
 
 /// The fuzz property of catalog records: any bytes are a record that passes the checks or an

@@ -9,6 +9,7 @@
 //!
 //! - [`catalog`]: the catalog records (FORMAT.md §6), backup IDs and keys.
 //! - [`take`]: the backup itself.
+//! - [`heartbeat`]: a running take's sign of life, which keeps `expire` away from it.
 //! - [`pins`]: pins (FORMAT.md §6.1), an append-only log of events per backup.
 //! - [`plan`]: the choice of backup along the target timeline's history, the WAL it needs, the
 //!   recovery settings (a pure function; `--dry-run` prints it).
@@ -17,6 +18,7 @@
 
 pub mod catalog;
 pub mod extract;
+pub mod heartbeat;
 pub mod pins;
 pub mod plan;
 pub mod progress;

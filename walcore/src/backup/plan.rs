@@ -862,25 +862,8 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
     })?;
     let seg_size = meta.segment_size()?;
     let records = catalog::list(repo).await?;
-    let store = repo.store().describe();
     let history_keys = listing(repo, "wal/history/", |s| s.list("wal/history/")).await?;
-    let mut histories = BTreeMap::new();
-    for key in history_keys {
-        let Some(name) = key
-            .rsplit('/')
-            .next()
-            .and_then(|n| WalFileName::parse(n).ok())
-            .filter(|n| *n.kind() == WalFileKind::History)
-        else {
-            continue;
-        };
-        let bytes = repo
-            .with_retry(&format!("reading {key}"), || repo.get_small(&key))
-            .await?;
-        let history = TimelineHistory::parse(name.timeline(), &bytes)
-            .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key} in {store}: {e}")))?;
-        histories.insert(name.timeline(), history);
-    }
+    let histories = read_histories(repo, history_keys.iter().map(String::as_str)).await?;
     let mut ends = BTreeMap::new();
     for tli in path_timelines(request, &records, &histories)? {
         if let Some(end) = newest_segment(repo, tli, seg_size).await? {
@@ -895,8 +878,33 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
     })
 }
 
+/// Reads and parses the timeline history files among `keys` (other keys are skipped).
+pub(crate) async fn read_histories<'k>(
+    repo: &Repository,
+    keys: impl IntoIterator<Item = &'k str>,
+) -> Result<BTreeMap<TimelineId, TimelineHistory>, Error> {
+    let store = repo.store().describe();
+    let mut histories = BTreeMap::new();
+    for key in keys {
+        let Some(name) = key
+            .strip_prefix("wal/history/")
+            .and_then(|n| WalFileName::parse(n).ok())
+            .filter(|n| *n.kind() == WalFileKind::History)
+        else {
+            continue;
+        };
+        let bytes = repo
+            .with_retry(&format!("reading {key}"), || repo.get_small(key))
+            .await?;
+        let history = TimelineHistory::parse(name.timeline(), &bytes)
+            .map_err(|e| Error::new(ErrorKind::Integrity, format!("{key} in {store}: {e}")))?;
+        histories.insert(name.timeline(), history);
+    }
+    Ok(histories)
+}
+
 /// A listing of `prefix`, retried as every store request is.
-async fn listing<'a, T, Fut>(
+pub(crate) async fn listing<'a, T, Fut>(
     repo: &'a Repository,
     prefix: &str,
     list: impl Fn(&'a crate::store::Store) -> Fut,

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::catalog::{self, BackupRecord, ObjectEntry, ObjectKind, TablespaceEntry};
+use super::heartbeat::{self, Heartbeat};
 use super::progress::Meter;
 use crate::error::{Error, ErrorKind};
 use crate::pg::{Lsn, SegmentNo, WalFileName, WalSegmentSize};
@@ -292,6 +293,8 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
 
     let start_time = SystemTime::now();
     let id = catalog::new_id(start_time);
+    // The sign of life that keeps `expire` from sweeping this take's objects while it runs.
+    let heartbeat = Heartbeat::start(repo, &id).await?;
     let label = options
         .label
         .clone()
@@ -339,6 +342,7 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
                     tablespaces: list,
                 } => {
                     start = Some((start_lsn, timeline.0));
+                    heartbeat.set_start(start_lsn, timeline.0);
                     let total: Option<u64> =
                         list.iter().map(|t| t.size_kib.map(|k| k * 1024)).sum();
                     meter.set_total(total);
@@ -414,6 +418,7 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
     drop(current);
     if let Err(e) = result {
         network.abort();
+        heartbeat.stop();
         return Err(discard(repo, &id, &keys, pending, e).await);
     }
     let finished: Result<BackupRecord, Error> = async {
@@ -485,19 +490,45 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
         })
     }
     .await;
+    heartbeat.stop();
     let record = match finished {
         Ok(r) => r,
         Err(e) => return Err(discard(repo, &id, &keys, pending, e).await),
     };
+    // An `expire` that judged this take over (no sign of life for its whole orphan grace: a
+    // stalled process, a lost network) deleted beat 0 with everything else.
+    if !Heartbeat::survives(repo, &id).await? {
+        return Err(discard(repo, &id, &keys, Vec::new(), swept(&id)).await);
+    }
     // From here on the objects stay: a failed or uncertain catalog write may still have
-    // landed, and a recorded backup must keep every object.
+    // landed, and a recorded backup must keep every object. A sweep that started before the
+    // record was written holds `catalog/ID` with its tombstone, and the write fails.
     catalog::commit(repo, &record).await?;
+    // A sweep that wrote its tombstone, deleted everything and removed the tombstone between
+    // the check above and the record: the record would name objects that are gone.
+    if !Heartbeat::survives(repo, &id).await? {
+        catalog::remove(repo, &id).await?;
+        return Err(discard(repo, &id, &keys, Vec::new(), swept(&id)).await);
+    }
+    heartbeat::clear(repo, &id).await;
     tracing::info!(
         backup = %id,
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         "backup complete and recorded in the catalog"
     );
     Ok(record)
+}
+
+/// The error of a take whose objects `expire` swept while it was stalled.
+fn swept(id: &str) -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "backup {id} was swept by walcore expire as the leftovers of a take that never \
+             finished: this take showed no sign of life for longer than the orphan grace \
+             (stopped, or cut off from the repository); it was not recorded, take a new one"
+        ),
+    )
 }
 
 /// After a take failed before its catalog record was written: lets the uploads still running
@@ -522,6 +553,7 @@ async fn discard(
             left.push(key.as_str());
         }
     }
+    heartbeat::clear(repo, id).await;
     if left.is_empty() {
         error.context(format!(
             "backup {id} failed and is not in the catalog; its objects were removed"

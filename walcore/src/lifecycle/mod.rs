@@ -10,6 +10,7 @@
 //! What it does not do: list, read or delete objects. The command that executes a plan does
 //! that, and re-plans after each listing rather than trusting an old plan.
 
+pub mod expire;
 pub mod policy;
 
 pub use policy::{

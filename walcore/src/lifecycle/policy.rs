@@ -520,22 +520,12 @@ pub fn retention_plan(
     for &a in &anchors {
         let r = dated[a].record;
         let (tli, lsn) = (TimelineId(r.start_timeline), r.start_lsn);
-        let tips = tips_through(&paths, tli, lsn);
+        let (tips, ranges) = open_ranges(&paths, tli, lsn);
         if Some(a) == window_base || (window_base.is_none() && Some(&a) == anchors.last()) {
-            window_timelines.clone_from(&tips);
+            window_timelines = tips;
         }
-        for tip in tips {
-            let p = &paths[&tip];
-            let mut on = false;
-            for t in p.entries().iter().map(|e| e.parent).chain([tip]) {
-                on = on || t == tli;
-                if !on {
-                    continue;
-                }
-                let start = p.start_of(t).unwrap_or(Lsn::INVALID);
-                let from = if t == tli { start.max(lsn) } else { start };
-                add(t, from, p.end_of(t));
-            }
+        for (t, from, to) in ranges {
+            add(t, from, to);
         }
     }
     // Every kept backup: its own start..stop.
@@ -622,6 +612,65 @@ pub fn retention_plan(
         window,
         unknown_pins,
     })
+}
+
+/// The open-ended WAL ranges from position `lsn` of `tli` on: along every path through that
+/// position, each timeline from where the path enters it to where it leaves it (the newest to
+/// the end). Returns the paths' newest timelines too.
+#[allow(clippy::type_complexity)]
+fn open_ranges(
+    paths: &BTreeMap<TimelineId, TimelineHistory>,
+    tli: TimelineId,
+    lsn: Lsn,
+) -> (Vec<TimelineId>, Vec<(TimelineId, Lsn, Option<Lsn>)>) {
+    let tips = tips_through(paths, tli, lsn);
+    let mut ranges = Vec::new();
+    for &tip in &tips {
+        let p = &paths[&tip];
+        let mut on = false;
+        for t in p.entries().iter().map(|e| e.parent).chain([tip]) {
+            on = on || t == tli;
+            if !on {
+                continue;
+            }
+            let start = p.start_of(t).unwrap_or(Lsn::INVALID);
+            let from = if t == tli { start.max(lsn) } else { start };
+            ranges.push((t, from, p.end_of(t)));
+        }
+    }
+    (tips, ranges)
+}
+
+impl RetentionPlan {
+    /// Keeps, besides what the policy keeps, all WAL from position `lsn` of `tli` on (a take
+    /// that is still running, whose record is not written yet, needs it from its start).
+    pub fn keep_from(
+        &mut self,
+        histories: &BTreeMap<TimelineId, TimelineHistory>,
+        tli: TimelineId,
+        lsn: Lsn,
+    ) {
+        self.timelines.insert(tli);
+        let paths: BTreeMap<TimelineId, TimelineHistory> = self
+            .timelines
+            .iter()
+            .map(|t| {
+                let p = histories
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| TimelineHistory::root(*t));
+                (*t, p)
+            })
+            .collect();
+        for (t, from, to) in open_ranges(&paths, tli, lsn).1 {
+            if to.is_none_or(|to| from <= to) {
+                self.wal.entry(t).or_default().push(LsnRange { from, to });
+            }
+        }
+        for ranges in self.wal.values_mut() {
+            *ranges = merge(std::mem::take(ranges));
+        }
+    }
 }
 
 /// `now - d`; `None` when that is before any representable time (everything is within).

@@ -35,6 +35,59 @@ impl Store {
         Ok(self.level(prefix).await?.objects)
     }
 
+    /// Every object under `prefix` (at any depth) with its size and time, sorted by key: one
+    /// paged listing on an object store, a directory walk on a file system.
+    pub async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut out = match self {
+            Store::Local(l) => {
+                let root = l.root().to_path_buf();
+                let prefix = prefix.trim_end_matches('/').to_owned();
+                super::blocking(move || walk(&root, &prefix)).await??
+            }
+            Store::Remote(r) => {
+                use futures::StreamExt;
+                let path = object_store::path::Path::from(prefix.trim_end_matches('/'));
+                let mut stream = r.object_store().list(Some(&path));
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    progress::tick();
+                    let meta = meta.map_err(super::remote::map_error)?;
+                    out.push(ObjectInfo {
+                        key: meta.location.to_string(),
+                        size: meta.size,
+                        modified: meta.last_modified.into(),
+                    });
+                }
+                out
+            }
+        };
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes the empty directories under `prefix`, and `prefix` itself when it ends up
+    /// empty, on a file system (an object store has no directories: nothing to do). For the
+    /// prefixes of deleted backups, which nothing writes to any more.
+    pub async fn prune_empty_dirs(&self, prefix: &str) -> Result<(), StoreError> {
+        let Store::Local(l) = self else {
+            return Ok(());
+        };
+        let dir = l.root().join(prefix.trim_end_matches('/'));
+        if dir == l.root() {
+            return Ok(());
+        }
+        super::blocking(move || {
+            prune(&dir);
+            if let Some(parent) = dir.parent() {
+                super::local::fsync_dir(parent).map_err(|e| {
+                    StoreError::Permanent(format!("syncing {}: {e}", parent.display()))
+                })?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
     /// One listing request (a directory read on a file system), sorted.
     async fn level(&self, prefix: &str) -> Result<Level, StoreError> {
         let prefix = prefix.trim_end_matches('/').to_owned();
@@ -99,6 +152,31 @@ fn read_level(root: &std::path::Path, prefix: &str) -> Result<Level, StoreError>
         }
     }
     Ok(level)
+}
+
+/// Every object below directory `prefix` of a local store; an absent directory has none.
+fn walk(root: &std::path::Path, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    let mut out = Vec::new();
+    let mut stack = vec![prefix.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let level = read_level(root, &dir)?;
+        stack.extend(level.dirs.iter().map(|d| format!("{dir}/{d}")));
+        out.extend(level.objects);
+    }
+    Ok(out)
+}
+
+/// Removes `dir` and the directories below it that hold nothing; best effort (a directory
+/// that is not empty, or cannot be removed, stays).
+fn prune(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                prune(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn scan_error(dir: &std::path::Path, e: std::io::Error) -> StoreError {
