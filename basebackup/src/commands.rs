@@ -16,6 +16,7 @@ use walcore::backup::{
 };
 use walcore::config::{Layer, parse_duration};
 use walcore::exit::{self, Hook};
+use walcore::lifecycle::{self, expire::ExpireOptions};
 use walcore::replication::Checkpoint;
 use walcore::{Error, ErrorKind};
 
@@ -64,6 +65,11 @@ pub enum Command {
         /// Draw no progress line, even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// After the backup is recorded, apply the configured retention policy
+        /// (WALCORE_KEEP_*, WALCORE_PITR_WINDOW or the keep_* keys of the configuration
+        /// file), as `walcore expire` does.
+        #[arg(long)]
+        expire: bool,
     },
     /// List the complete backups, oldest first.
     List,
@@ -194,6 +200,7 @@ pub fn run(global: Global, command: Command) -> u8 {
             max_rate,
             no_verify_checksums,
             no_progress,
+            expire,
         } => {
             let options = TakeOptions {
                 conninfo: dbname,
@@ -205,12 +212,37 @@ pub fn run(global: Global, command: Command) -> u8 {
                 verify_checksums: !no_verify_checksums,
                 progress_bar: !no_progress && !json && std::io::stderr().is_terminal(),
             };
-            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+                if expire && !config.retention.has_rule() {
+                    return Err(Error::new(
+                        ErrorKind::Configuration,
+                        "take --expire: no retention policy is configured (WALCORE_KEEP_LAST, \
+                         WALCORE_KEEP_DAILY, ... or keep_last, keep_daily, ... in the \
+                         configuration file); nothing was backed up",
+                    ));
+                }
                 let record = backup::take::take(&repo, &options).await?;
-                if json {
+                if json && !expire {
                     print_json(&record)?;
-                } else {
+                } else if !json {
                     println!("{}", record.id);
+                }
+                if expire {
+                    let options = ExpireOptions::from_config(&config, false);
+                    let report = lifecycle::expire::expire(&repo, &options)
+                        .await
+                        .map_err(|e| {
+                            e.context(format!(
+                                "backup {} is recorded, but the retention policy could not \
+                                 be applied after it",
+                                record.id
+                            ))
+                        })?;
+                    if json {
+                        print_json(&serde_json::json!({ "backup": record, "expire": report }))?;
+                    } else {
+                        print!("{report}");
+                    }
                 }
                 Ok(())
             })
@@ -375,6 +407,67 @@ pub fn run(global: Global, command: Command) -> u8 {
             Ok(())
         }),
     }
+}
+
+/// The flags of `walcore expire`: the retention policy (each overrides its `WALCORE_*`
+/// variable and configuration key) and how to run it.
+#[derive(Debug, clap::Args)]
+pub struct ExpireArgs {
+    /// Keep the N newest complete backups.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep every backup that finished within DURATION before now (e.g. 14d, 36h).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// For the N most recent days that have a backup, keep the newest backup of each (UTC).
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// The same for ISO weeks.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// The same for calendar months.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// The same for calendar years.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep every second of DURATION before now restorable (WAL from the newest backup that
+    /// finished before it).
+    #[arg(long, value_name = "DURATION")]
+    pitr_window: Option<String>,
+    /// Sweep the objects of a take that has no catalog record only once it has written
+    /// nothing for DURATION (default 1h, at least 15s); a running take writes every 5s.
+    #[arg(long, value_name = "DURATION")]
+    orphan_grace: Option<String>,
+    /// Print the plan (what goes and why, what stays, the window that remains) and delete
+    /// nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Applies the retention policy (`walcore expire`); returns the exit code.
+pub fn expire(global: Global, args: ExpireArgs) -> u8 {
+    let (mut flags, json) = flags(global);
+    let text = |n: Option<u32>| n.map(|n| n.to_string());
+    flags.set_flag("keep_last", "--keep-last", text(args.keep_last));
+    flags.set_flag("keep_within", "--keep-within", args.keep_within);
+    flags.set_flag("keep_daily", "--keep-daily", text(args.keep_daily));
+    flags.set_flag("keep_weekly", "--keep-weekly", text(args.keep_weekly));
+    flags.set_flag("keep_monthly", "--keep-monthly", text(args.keep_monthly));
+    flags.set_flag("keep_yearly", "--keep-yearly", text(args.keep_yearly));
+    flags.set_flag("pitr_window", "--pitr-window", args.pitr_window);
+    flags.set_flag("orphan_grace", "--orphan-grace", args.orphan_grace);
+    let dry_run = args.dry_run;
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+        let options = ExpireOptions::from_config(&config, dry_run);
+        let report = lifecycle::expire::expire(&repo, &options).await?;
+        if json {
+            print_json(&report)
+        } else {
+            print!("{report}");
+            Ok(())
+        }
+    })
 }
 
 /// Pins backup `id` (`walcore pin`); returns the exit code.

@@ -51,6 +51,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::codec::{Codec, Compression, DEFAULT_CHUNK_SIZE, MasterKey};
 use crate::error::{Error, ErrorKind};
+use crate::lifecycle::Policy;
 use crate::store::StoreOptions;
 
 /// Every setting, by its key (`repo`, `compression`, …).
@@ -69,6 +70,14 @@ pub const KEYS: &[&str] = &[
     "lookahead",
     "prefetch",
     "spool",
+    "keep_last",
+    "keep_within",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
+    "keep_yearly",
+    "pitr_window",
+    "orphan_grace",
 ];
 
 /// Settings whose values are secret: never shown by `Debug` or in a message. The key command
@@ -361,6 +370,11 @@ pub struct Config {
     pub config_file: Option<String>,
     /// The key command's own time limit (`encryption_key_command_timeout`).
     pub key_command_timeout: Duration,
+    /// The retention policy `expire` and `take --expire` apply (`keep_*`, `pitr_window`).
+    pub retention: Policy,
+    /// How long a take without a catalog record must have written nothing before `expire`
+    /// sweeps its objects.
+    pub orphan_grace: Duration,
 }
 
 /// Where the encryption key came from. Its `Debug` shows the key command's program only.
@@ -527,6 +541,28 @@ impl Config {
                 })
             },
         )?;
+        let count = |key: &str| {
+            r.parse(key, 0u32, |v| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| "not a number of backups (0 or more)".to_string())
+            })
+        };
+        let span = |key: &str| r.parse(key, None, |v| parse_duration(v).map(Some));
+        let retention = Policy {
+            keep_last: count("keep_last")?,
+            keep_within: span("keep_within")?,
+            keep_daily: count("keep_daily")?,
+            keep_weekly: count("keep_weekly")?,
+            keep_monthly: count("keep_monthly")?,
+            keep_yearly: count("keep_yearly")?,
+            pitr_window: span("pitr_window")?,
+        };
+        let orphan_grace = r.parse(
+            "orphan_grace",
+            crate::lifecycle::expire::DEFAULT_ORPHAN_GRACE,
+            parse_duration,
+        )?;
         let key = load_key(
             &r,
             CommandLimit {
@@ -562,6 +598,8 @@ impl Config {
             key_source,
             config_file,
             key_command_timeout: command_timeout,
+            retention,
+            orphan_grace,
         })
     }
 
@@ -855,7 +893,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// `90`, `90s`, `500ms`, `2m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let bad = || "not a duration (examples: 30s, 500ms, 2m)".to_string();
+    let bad = || "not a duration (examples: 30s, 500ms, 2m, 36h, 7d, 2w)".to_string();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num.parse().map_err(|_| bad())?;
@@ -864,6 +902,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        "w" => Duration::from_secs(n.saturating_mul(7 * 86_400)),
         _ => return Err(bad()),
     };
     Ok(d)
@@ -1380,10 +1420,45 @@ mod tests {
     }
 
     #[test]
+    fn retention_settings_come_from_flags_env_or_file_and_bad_ones_are_named() {
+        let mut flags = Layer::default();
+        flags.set_flag("keep_daily", "--keep-daily", Some("7"));
+        let c = Config::load_with(
+            flags,
+            env(&[
+                ("WALCORE_REPO", "file:///tmp/x"),
+                ("WALCORE_KEEP_DAILY", "3"),
+                ("WALCORE_KEEP_WEEKLY", "4"),
+                ("WALCORE_PITR_WINDOW", "7d"),
+            ]),
+        )
+        .expect("config");
+        assert_eq!(c.retention.keep_daily, 7, "the flag wins");
+        assert_eq!(c.retention.keep_weekly, 4);
+        assert_eq!(
+            c.retention.pitr_window,
+            Some(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(c.retention.keep_last, 0);
+        assert_eq!(c.orphan_grace, Duration::from_secs(3600));
+        let e = Config::load_with(
+            Layer::default(),
+            env(&[
+                ("WALCORE_REPO", "file:///tmp/x"),
+                ("WALCORE_KEEP_LAST", "-1"),
+            ]),
+        )
+        .expect_err("negative count");
+        assert!(e.to_string().contains("WALCORE_KEEP_LAST"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86_400)));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5 parsecs").is_err());
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use basebackup::commands::{self, Command, Global};
 use clap::{Parser, Subcommand};
 
-/// The walcore operator command: base backups, the catalog, point-in-time restores and pins
+/// The walcore operator command: base backups, the catalog, point-in-time restores, pins and retention
 /// of a walcore repository. (PostgreSQL's hooks are walcore-archive and walcore-restore.)
 #[derive(Debug, Parser)]
 #[command(name = "walcore", version, about)]
@@ -36,6 +36,10 @@ enum Operator {
         /// The backup ID (see list).
         id: String,
     },
+    /// Apply the retention policy: delete the backups no rule keeps, the WAL no kept backup
+    /// and no second of the restorable window needs, and the leftovers of takes that never
+    /// finished. Prints the plan first; --dry-run prints only the plan.
+    Expire(commands::ExpireArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,5 +47,6 @@ fn main() -> ExitCode {
         Operator::Repository(command) => commands::run(args.global, command),
         Operator::Pin { id, note } => commands::pin(args.global, id, note),
         Operator::Unpin { id } => commands::unpin(args.global, id),
+        Operator::Expire(expire) => commands::expire(args.global, expire),
     })
 }

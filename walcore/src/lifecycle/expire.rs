@@ -71,6 +71,16 @@ impl ExpireOptions {
             orphan_grace: DEFAULT_ORPHAN_GRACE,
         }
     }
+
+    /// The configured policy and orphan grace, now.
+    pub fn from_config(config: &crate::config::Config, dry_run: bool) -> ExpireOptions {
+        ExpireOptions {
+            policy: config.retention.clone(),
+            now: Utc::now(),
+            dry_run,
+            orphan_grace: config.orphan_grace,
+        }
+    }
 }
 
 /// A run of consecutive WAL files of one timeline that go.
