@@ -8,7 +8,7 @@
 //! its WAL, from its start to its stop, lies on the target timeline's history, and (for a time
 //! or an LSN) it finished before the target.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use chrono::{DateTime, FixedOffset, Utc};
@@ -16,7 +16,9 @@ use serde::Serialize;
 
 use super::catalog::{self, BackupRecord};
 use crate::error::{Error, ErrorKind};
-use crate::pg::{Lsn, TimelineHistory, TimelineId, WalFileKind, WalFileName, WalSegmentSize};
+use crate::pg::{
+    Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName, WalSegmentSize,
+};
 use crate::repo::Repository;
 use crate::store::wal_key;
 
@@ -876,6 +878,75 @@ pub async fn gather(repo: &Repository, request: &Request) -> Result<Facts, Error
         ends,
         seg_size,
     })
+}
+
+/// Refuses a plan whose target lies in WAL that is gone: recovery from the chosen backup must
+/// read on past its stop for any target but `immediate`, and when the segment after the stop
+/// is not stored while later WAL of the path is, retention expired it (or it was lost). Such
+/// a restore would stop at that hole with recovery unfinished; refusing it before anything is
+/// written says why. Costs one or two `HEAD` requests.
+pub async fn check_wal_after_stop(
+    repo: &Repository,
+    facts: &Facts,
+    plan: &RestorePlan,
+) -> Result<(), Error> {
+    if plan.target == Target::Immediate {
+        return Ok(());
+    }
+    let seg = facts.seg_size;
+    let next = SegmentNo(plan.backup.stop_lsn.segment(seg).0 + 1);
+    let first_byte = next.start_lsn(seg);
+    let last_byte = Lsn(first_byte.0 + u64::from(seg.bytes()) - 1);
+    let timelines: BTreeSet<TimelineId> = [
+        plan.path.timeline_at(first_byte),
+        plan.path.timeline_at(last_byte),
+    ]
+    .into_iter()
+    .collect();
+    let store = repo.store().describe();
+    for tli in &timelines {
+        let key = wal_key(&WalFileName::segment(*tli, next, seg));
+        let found = repo
+            .with_retry(&format!("looking for {key}"), || async {
+                repo.store()
+                    .head(&key)
+                    .await
+                    .map_err(|e| e.into_error("looking for", &key, &store))
+            })
+            .await?;
+        if found.is_some() {
+            return Ok(());
+        }
+    }
+    // Not stored: the end of the archive (fine), or a hole when later WAL is stored.
+    let end = match &plan.wal_end {
+        Some(end) => Some(end.clone()),
+        None => newest_segment(repo, plan.path.timeline(), seg).await?,
+    };
+    let Some(end) = end else {
+        return Ok(());
+    };
+    let later = end.segment.timeline() > *timelines.iter().next_back().unwrap_or(&TimelineId(0))
+        || end.segment.segno(seg).is_ok_and(|s| s > next);
+    if !later {
+        return Ok(());
+    }
+    let missing = WalFileName::segment(plan.path.timeline_at(first_byte), next, seg);
+    Err(Error::new(
+        ErrorKind::InvalidInput,
+        format!(
+            "the target ({}) cannot be reached from backup {}: WAL segment {missing}, which \
+             recovery needs right after the backup's end ({}), is not in {store} while later \
+             WAL ({}) is. Retention expired it, so the target lies outside the restorable \
+             window that remains (walcore expire --dry-run shows it), or it was lost. Nothing \
+             was written. Restore a target inside the window, or this backup to its consistent \
+             point with --target-immediate",
+            plan.target.describe(),
+            plan.backup.id,
+            plan.backup.stop_time,
+            end.segment
+        ),
+    ))
 }
 
 /// Reads and parses the timeline history files among `keys` (other keys are skipped).

@@ -69,6 +69,7 @@ pub async fn restore(repo: &Repository, options: &RestoreOptions) -> Result<Rest
     check_empty_dir(pgdata, "data directory")?;
     let facts = plan::gather(repo, &options.request).await?;
     let plan = plan::plan(&facts, &options.request)?;
+    plan::check_wal_after_stop(repo, &facts, &plan).await?;
     if options.dry_run {
         return Ok(RestoreReport {
             archiving: archiving_summary(None, &plan),

@@ -554,6 +554,13 @@ async fn discard(
         }
     }
     heartbeat::clear(repo, id).await;
+    if let Err(e) = repo
+        .store()
+        .prune_empty_dirs(&format!("backup/{id}/"))
+        .await
+    {
+        tracing::debug!("could not remove the empty directories of backup {id}: {e}");
+    }
     if left.is_empty() {
         error.context(format!(
             "backup {id} failed and is not in the catalog; its objects were removed"
