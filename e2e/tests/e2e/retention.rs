@@ -455,7 +455,7 @@ fn restore_rows(tool: &Tool, env: &[(String, String)], args: &[&str], id: &str) 
 
 #[test]
 fn expire_keeps_the_gfs_set_a_pin_and_the_window_rows_on_file() {
-    gfs_window_and_pin(&Repo::file(), &Codec::plain());
+    assert_expired_time_refused(&gfs_window_and_pin(&Repo::file(), &Codec::plain()));
 }
 
 /// The same on S3 (the emulator), encrypted: expire deletes in batches there.
@@ -464,7 +464,10 @@ fn expire_keeps_the_gfs_set_a_pin_and_the_window_rows_on_s3() {
     if !moto::s3_enabled("retention::expire_keeps_the_gfs_set_a_pin_and_the_window_rows_on_s3") {
         return;
     }
-    gfs_window_and_pin(&Repo::s3(Moto::shared()), &Codec::encrypted(KEY_1));
+    assert_expired_time_refused(&gfs_window_and_pin(
+        &Repo::s3(Moto::shared()),
+        &Codec::encrypted(KEY_1),
+    ));
 }
 
 /// Data-loss path: a pinned (or any GFS-kept) old backup whose following WAL expired must still
@@ -476,15 +479,6 @@ fn expire_keeps_the_gfs_set_a_pin_and_the_window_rows_on_s3() {
             consistent (passes with recovery_prefetch = off)"]
 fn a_pinned_old_backup_restores_with_target_immediate_after_its_wal_expired() {
     assert_pinned_restores(&gfs_window_and_pin(&Repo::file(), &Codec::plain()));
-}
-
-/// Data-loss path: a user restoring to a time whose WAL retention removed must be told at once
-/// (and pointed at `--target-immediate`), not handed a data directory that stops at a hole.
-#[test]
-#[ignore = "walcore restore does not refuse such a target yet: it restores, and PostgreSQL then \
-            stops at the missing segment; the refusal is being added to restore's plan on main"]
-fn a_restore_to_a_time_whose_wal_expired_is_refused_before_anything_is_written() {
-    assert_expired_time_refused(&gfs_window_and_pin(&Repo::file(), &Codec::plain()));
 }
 
 fn gfs_window_and_pin(repo: &Repo, codec: &Codec) -> Expired {
