@@ -13,9 +13,10 @@
 //!   and deletes the other backups' objects and the WAL nothing kept needs. Then an old backup
 //!   is pinned, two backups are taken in real time with commits around them, and
 //!   `expire --keep-last 1 --pitr-window` keeps the pin and the window: a restore to a commit
-//!   time in the window has exactly the rows committed before it, a restore to a time whose WAL
-//!   expired is refused before anything is written, and the pinned backup restores with
-//!   `--target-immediate` with the rows committed before it.
+//!   time in the window has exactly the rows committed before it, and a restore to a time whose
+//!   WAL expired is refused before anything is written.
+//! - The pinned backup restores with `--target-immediate` with the rows committed before it
+//!   (ignored for now: see its reason).
 //! - On `file://`: a restored cluster promoted to timeline 2 archives into the same repository;
 //!   after `expire --keep-last 2`, the newest backup of timeline 1 and the backup of timeline 2
 //!   both restore to the end of their timelines with every row.
