@@ -454,6 +454,8 @@ fn restore_rows(tool: &Tool, env: &[(String, String)], args: &[&str], id: &str) 
     fingerprint(&dst)
 }
 
+/// On `file://`: the 7/4/12/7 set, then a pin and the window, the window's rows,
+/// and the refusal of a time whose WAL expired.
 #[test]
 fn expire_keeps_the_gfs_set_a_pin_and_the_window_rows_on_file() {
     assert_expired_time_refused(&gfs_window_and_pin(&Repo::file(), &Codec::plain()));
@@ -505,10 +507,7 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) -> Expired {
         records.push(take_at(&tool, &src, repo, p.at));
     }
     eprintln!("[{:?}] {} dated takes", t0.elapsed(), PLAN.len());
-    let ids: Vec<String> = records
-        .iter()
-        .map(|r| r["id"].as_str().expect("an id").to_owned())
-        .collect();
+    let ids: Vec<String> = records.iter().map(id_of).collect();
     let seg_size = records[0]["wal_segment_size"]
         .as_u64()
         .expect("wal_segment_size");
@@ -660,12 +659,13 @@ fn gfs_window_and_pin(repo: &Repo, codec: &Codec) -> Expired {
     }
 }
 
-/// What [`gfs_window_and_pin`] leaves for the refusal check.
+/// What [`gfs_window_and_pin`] leaves for the checks that follow it: the source cluster (kept
+/// running) and its repository's tool and environment, after both expires.
 struct Expired {
     tool: Tool,
+    env: Vec<(String, String)>,
     /// A commit time after R1 and before R2, whose WAL `expire` removed.
     t1: String,
-    env: Vec<(String, String)>,
     /// The pinned backup, the newest listed one that finished before `t1`.
     pinned: String,
     /// The rows committed before the pinned backup was taken.
