@@ -278,6 +278,26 @@ pub async fn run(store: &Store, prefix: &str) -> Result<(), Error> {
         .delete_many(&[])
         .await
         .map_err(|e| fail(e.to_string()))?;
+
+    // Every object below a prefix, at any depth, with sizes and times.
+    let all = store.list_info(&k("t")).await.map_err(scan)?;
+    let keys: Vec<&str> = all.iter().map(|o| o.key.as_str()).collect();
+    if keys != [k("t/long"), k("t/short")] || all[1].size != objects[1].size {
+        return Err(fail(format!("list_info({}) gave {all:?}", k("t"))));
+    }
+    let deep = store.list_info(&k("a")).await.map_err(scan)?;
+    if deep.is_empty() || !deep.iter().all(|o| o.key.starts_with(&k("a/"))) {
+        return Err(fail(format!("list_info({}) gave {deep:?}", k("a"))));
+    }
+    // Pruning empty directories leaves every object where it is.
+    let before = store.list(prefix).await.map_err(|e| fail(e.to_string()))?;
+    store
+        .prune_empty_dirs(&k("m/"))
+        .await
+        .map_err(|e| fail(format!("prune_empty_dirs: {e}")))?;
+    if store.list(prefix).await.map_err(|e| fail(e.to_string()))? != before {
+        return Err(fail("prune_empty_dirs removed an object"));
+    }
     Ok(())
 }
 
