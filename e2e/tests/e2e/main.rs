@@ -18,6 +18,7 @@ mod pitr;
 mod replication;
 mod restore_plans;
 mod restore_safety;
+mod retention;
 mod scenario;
 mod selftest;
 mod store_conformance;
