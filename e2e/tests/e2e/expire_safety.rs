@@ -1177,6 +1177,15 @@ fn orphan_sweep_removes_a_killed_take_and_never_a_running_one() {
         running_started.elapsed(),
         report["orphans"]
     );
+    let action = |id: &str| {
+        report["orphans"]
+            .as_array()
+            .and_then(|o| o.iter().find(|o| o["id"] == id))
+            .map(|o| o["action"].clone())
+    };
+    assert_eq!(action(&running_id), Some("running".into()), "{report}");
+    assert_eq!(action(&orphan), Some("sweep".into()), "{report}");
+    assert_eq!(action(&stalled_id), Some("sweep".into()), "{report}");
     let keys = repo.keys();
     // A file store writes an object under a temporary name first (`.tmp.…` beside it, which
     // listings skip): a take killed mid-upload leaves its partial archive there. Those are
