@@ -922,14 +922,29 @@ fn pgbench_rows(c: &Cluster) -> String {
     )
 }
 
-/// `expire --keep-last 2` over and over while pgbench commits, the archiver pushes and backups
-/// are taken: a restore to the end of the archive afterwards has every committed transaction.
+/// Two `expire --keep-last 2` loops at once, over and over while pgbench commits, the
+/// archiver pushes and backups are taken: a restore to the end of the archive afterwards has
+/// every committed transaction.
 #[test]
 fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
+    expire_beside_archiving_and_takes(&Repo::file(), &Codec::plain());
+}
+
+/// The same on S3 (the emulator), encrypted.
+#[test]
+fn expire_beside_archiving_and_takes_on_s3_loses_no_committed_transaction() {
+    if !moto::s3_enabled("expire_safety::expire_beside_archiving_and_takes_on_s3") {
+        return;
+    }
+    expire_beside_archiving_and_takes(&Repo::s3(Moto::shared()), &Codec::encrypted(KEY_1));
+}
+
+/// How many `expire` loops run at once.
+const LOOPS: usize = 2;
+
+fn expire_beside_archiving_and_takes(repo: &Repo, codec: &Codec) {
     let t0 = Instant::now();
-    let repo = Repo::file();
-    let codec = Codec::plain();
-    let env = repo.env(&codec);
+    let env = repo.env(codec);
     let mut src = Cluster::new();
     src.archive_with_walcore();
     src.set_env(&env);
@@ -952,29 +967,31 @@ fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
             .expect("spawn pgbench"),
     );
 
-    // expire in a loop, in a thread, until told to stop.
+    // expire in loops, each in a thread, until told to stop; every run must succeed.
     let stop = Arc::new(AtomicBool::new(false));
     let runs = Arc::new(AtomicU32::new(0));
-    let looper = {
-        let stop = stop.clone();
-        let runs = runs.clone();
-        let tool = Tool {
-            program: tool.program.clone(),
-            env: env.clone(),
-            cwd: tool.cwd.clone(),
-        };
-        std::thread::spawn(move || {
-            let mut deleted_wal = 0;
-            let mut rng = Rng::from_env_or_clock("expire loop");
-            while !stop.load(Ordering::SeqCst) {
-                let report = expire_json(&tool, &["--keep-last", "2"]);
-                deleted_wal += report["deleted"]["wal_objects"].as_u64().unwrap_or(0);
-                runs.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(rng.below(300)));
-            }
-            deleted_wal
+    let loopers: Vec<_> = (0..LOOPS)
+        .map(|n| {
+            let stop = stop.clone();
+            let runs = runs.clone();
+            let tool = Tool {
+                program: tool.program.clone(),
+                env: env.clone(),
+                cwd: tool.cwd.clone(),
+            };
+            std::thread::spawn(move || {
+                let mut deleted_wal = 0;
+                let mut rng = Rng::from_env_or_clock(&format!("expire loop {n}"));
+                while !stop.load(Ordering::SeqCst) {
+                    let report = expire_json(&tool, &["--keep-last", "2"]);
+                    deleted_wal += report["deleted"]["wal_objects"].as_u64().unwrap_or(0);
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(rng.below(300)));
+                }
+                deleted_wal
+            })
         })
-    };
+        .collect();
     // Backups a few archived segments apart, while expire runs: each new one lets an older
     // one and its WAL go.
     let archived = || -> u64 {
@@ -997,7 +1014,9 @@ fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
     // A few more runs after the last take, with the archiver still pushing.
     let runs_after_takes = runs.load(Ordering::SeqCst);
     sys::wait_for(Duration::from_secs(120), Duration::from_millis(100), || {
-        if runs.load(Ordering::SeqCst) >= runs_after_takes + 3 || looper.is_finished() {
+        if runs.load(Ordering::SeqCst) >= runs_after_takes + 4
+            || loopers.iter().any(|l| l.is_finished())
+        {
             Ok(())
         } else {
             Err("waiting for expire runs after the last take".to_owned())
@@ -1005,15 +1024,19 @@ fn expire_beside_archiving_and_takes_loses_no_committed_transaction() {
     });
     bench.kill();
     stop.store(true, Ordering::SeqCst);
-    let deleted_wal = looper.join().expect("the expire loop");
+    let deleted_wal: u64 = loopers
+        .into_iter()
+        .map(|l| l.join().expect("an expire loop"))
+        .sum();
     let runs = runs.load(Ordering::SeqCst);
     eprintln!(
-        "[{:?}] {runs} expire runs deleted {deleted_wal} WAL objects beside takes {taken:?}",
+        "[{:?}] {runs} expire runs ({LOOPS} at a time) deleted {deleted_wal} WAL objects beside \
+         takes {taken:?}",
         t0.elapsed()
     );
     assert!(
         deleted_wal >= 6,
-        "the expire loop deleted only {deleted_wal} WAL objects"
+        "the expire loops deleted only {deleted_wal} WAL objects"
     );
 
     let last_name = src.archive_all(ARCHIVE_WAIT);
