@@ -1,7 +1,7 @@
 //! `walcore expire` where it can lose data: killed with SIGKILL at random points and run again
-//! (S3 through a throttling proxy, so that the kill points land inside the run), run in a loop
-//! beside `archive_command` pushes and takes while pgbench writes, and its orphan sweep beside
-//! a killed take and a running one.
+//! (S3 through a throttling proxy, so that the kill points land inside the run), run in two
+//! loops at once beside `archive_command` pushes and takes while pgbench writes (file and S3),
+//! and its orphan sweep of a killed take and of a stalled one, beside a running one.
 //!
 //! After every kill the repository must still be one in which every listed backup restores and
 //! the restorable window holds: each listed backup has its catalog record, its objects and the
