@@ -450,9 +450,21 @@ async fn sweep_orphan(
     keys.extend(listing(repo, &p, |s| s.list(&p)).await?);
     let keys: Vec<String> = keys.into_iter().collect();
     delete(repo, &format!("the leftovers of take {id}"), &keys).await?;
+    // A killed take's partial archive on a file system: a temporary file, never listed.
+    let store = repo.store().describe();
+    let partial = repo
+        .store()
+        .remove_temporaries(&p)
+        .await
+        .map_err(|e| e.into_error("removing the partial files of", &p, &store))?;
     prune(repo, &p).await;
     catalog::remove(repo, id).await?;
-    tracing::info!(backup = %id, objects = keys.len(), "swept the leftovers of a take that never finished");
+    tracing::info!(
+        backup = %id,
+        objects = keys.len(),
+        partial_files = partial,
+        "swept the leftovers of a take that never finished"
+    );
     Ok(Some(keys.len()))
 }
 

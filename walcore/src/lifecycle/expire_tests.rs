@@ -205,6 +205,12 @@ async fn leftovers_are_swept_and_a_running_take_keeps_its_objects_and_wal() {
         put(&repo, &key).await;
         age(dir.path(), &key, Duration::from_secs(7200));
     }
+    // Its partial archive, which no listing shows.
+    let partial = dir.path().join(format!(
+        "backup/{dead}/data/{}base.tar.9f3c",
+        crate::store::local::TEMP_PREFIX
+    ));
+    std::fs::write(&partial, b"half an archive").expect("partial");
     // A take running now, started at segment 5 (which the policy would expire).
     let live = "20261130T230000Z-11fe";
     put(&repo, &archive_key(live, "base.tar")).await;
@@ -242,6 +248,10 @@ async fn leftovers_are_swept_and_a_running_take_keeps_its_objects_and_wal() {
     assert_eq!(by_id(live).start_lsn, Some(lsn_of(5)));
     let after = keys(&repo).await;
     assert!(!after.iter().any(|k| k.contains(dead)), "{after:?}");
+    assert!(
+        !dir.path().join(format!("backup/{dead}")).exists(),
+        "the partial archive of the killed take is left"
+    );
     assert!(after.contains(&archive_key(live, "base.tar")));
     assert_eq!(
         wal_segments(&after, 1),

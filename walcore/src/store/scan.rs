@@ -65,6 +65,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes the temporary files under `prefix` on a file system: what a killed writer left
+    /// (a partial archive of a killed take can be as large as the backup). Only for a prefix
+    /// nothing writes to any more. An object store has none (an unfinished multipart upload is
+    /// invisible; a bucket rule that aborts them after a day is the store's own clean-up).
+    pub async fn remove_temporaries(&self, prefix: &str) -> Result<usize, StoreError> {
+        let Store::Local(l) = self else {
+            return Ok(0);
+        };
+        let dir = l.root().join(prefix.trim_end_matches('/'));
+        super::blocking(move || {
+            let mut removed = 0;
+            let mut stack = vec![dir];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(scan_error(&dir, e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(|e| scan_error(&dir, e))?;
+                    let kind = entry.file_type().map_err(|e| scan_error(&dir, e))?;
+                    if kind.is_dir() {
+                        stack.push(entry.path());
+                    } else if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                        std::fs::remove_file(entry.path()).map_err(|e| {
+                            StoreError::Permanent(format!(
+                                "removing {}: {e}",
+                                entry.path().display()
+                            ))
+                        })?;
+                        removed += 1;
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await?
+    }
+
     /// Removes the empty directories under `prefix`, and `prefix` itself when it ends up
     /// empty, on a file system (an object store has no directories: nothing to do). For the
     /// prefixes of deleted backups, which nothing writes to any more.
