@@ -3,6 +3,7 @@
 use std::time::SystemTime;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
@@ -318,6 +319,9 @@ pub struct Listing {
     pub tombstones: Vec<String>,
 }
 
+/// Catalog records read at once by [`scan`].
+const READS_IN_FLIGHT: usize = 16;
+
 /// Reads every catalog record. A record that cannot be read or fails its checks does not hide
 /// the others: it goes to [`Listing::unreadable`]. A store that stays unreachable, or a
 /// repository that does not exist, is an error.
@@ -345,8 +349,19 @@ pub async fn scan(repo: &Repository) -> Result<Listing, Error> {
         unreadable_ids: Vec::new(),
         tombstones: Vec::new(),
     };
-    for id in ids {
-        match load_entry(repo, &id, &meta).await {
+    // Several reads in flight: a thousand records are a thousand requests, and one at a time
+    // they would cost a thousand round trips. `buffered` keeps the listing's order.
+    let mut entries = futures::stream::iter(ids)
+        .map(|id| {
+            let meta = &meta;
+            async move {
+                let entry = load_entry(repo, &id, meta).await;
+                (id, entry)
+            }
+        })
+        .buffered(READS_IN_FLIGHT);
+    while let Some((id, entry)) = entries.next().await {
+        match entry {
             Ok(Entry::Record(r)) => listing.records.push(r),
             Ok(Entry::Tombstone(_)) => listing.tombstones.push(id),
             // Deleted between the listing and the read (a concurrent expire).
@@ -629,6 +644,33 @@ mod tests {
                 "the warning does not name it: {e}"
             );
             assert_eq!(list(&r).await.expect("list").len(), 2);
+        }
+
+        #[tokio::test]
+        async fn records_read_several_at_a_time_come_back_oldest_first() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let r = setup(dir.path()).await;
+            let n = 3 * READS_IN_FLIGHT + 1;
+            let ids: Vec<String> = (0..n)
+                .map(|i| format!("20261130T{:02}{:02}00Z-{i:04x}", i / 60, i % 60))
+                .collect();
+            // Committed newest first, so the store's order of writes is not the answer.
+            for id in ids.iter().rev() {
+                commit(&r, &record(id, "7000000000000000001"))
+                    .await
+                    .expect("commit");
+            }
+            let bad = &ids[READS_IN_FLIGHT + 2];
+            std::fs::write(dir.path().join(catalog_key(bad)), b"not a record").expect("write");
+            let listing = scan(&r).await.expect("scan");
+            let got: Vec<&str> = listing.records.iter().map(|r| r.id.as_str()).collect();
+            let want: Vec<&str> = ids
+                .iter()
+                .filter(|id| *id != bad)
+                .map(String::as_str)
+                .collect();
+            assert_eq!(got, want);
+            assert_eq!(listing.unreadable_ids, std::slice::from_ref(bad));
         }
 
         #[tokio::test]
