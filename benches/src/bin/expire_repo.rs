@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use clap::Parser;
 use futures::StreamExt;
 use walcore::backup::catalog::{self, BackupRecord, ObjectEntry, ObjectKind};
@@ -63,12 +63,6 @@ impl Layout {
                 ),
             ));
         }
-        if backups > 0xffff {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "--backups is at most 65535 (the IDs' sequence part has four hex digits)",
-            ));
-        }
         // Timeline 1 holds segments 1..=switch, timeline 2 switch..=wal-1: `wal` objects.
         Ok(Layout {
             wal,
@@ -106,8 +100,8 @@ fn record(layout: &Layout, i: u64, now: DateTime<Utc>) -> BackupRecord {
         + chrono::Duration::minutes(5)
         - chrono::Duration::hours(1);
     let start_time = stop_time - chrono::Duration::minutes(5);
-    let id = format!("{}-{:04x}", start_time.format("%Y%m%dT%H%M%SZ"), i);
-    let time = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Millis, true);
+    let id = catalog::new_id(start_time.into());
+    let time = |t: DateTime<Utc>| catalog::format_time(t.into());
     let object = |key: String, kind, name: &str| ObjectEntry {
         key,
         kind,
