@@ -213,6 +213,17 @@ pub fn object_put(addr: SocketAddr, bucket: &str, key: &str, bytes: &[u8]) {
     assert!(r.status == 200, "PUT {bucket}/{key}: HTTP {}", r.status);
 }
 
+/// Deletes object `key` from `bucket` (a test losing an object behind the binaries' back).
+pub fn object_delete(addr: SocketAddr, bucket: &str, key: &str) {
+    let r = http::request(addr, "DELETE", &format!("/{bucket}/{key}"), b"")
+        .unwrap_or_else(|e| panic!("DELETE {bucket}/{key}: {e}"));
+    assert!(
+        r.status == 204 || r.status == 200,
+        "DELETE {bucket}/{key}: HTTP {}",
+        r.status
+    );
+}
+
 /// The keys in `bucket` under `prefix` (the first 1000).
 pub fn object_list(addr: SocketAddr, bucket: &str, prefix: &str) -> Vec<String> {
     let r = http::request(

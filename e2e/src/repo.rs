@@ -213,6 +213,20 @@ impl Repo {
         }
     }
 
+    /// Deletes `key` behind the binaries' back (an object lost by the store or a person).
+    pub fn remove(&self, key: &str) {
+        match &self.store {
+            Store::File { root, .. } => {
+                std::fs::remove_file(root.join(key)).unwrap_or_else(|e| panic!("remove {key}: {e}"))
+            }
+            Store::S3 {
+                addr,
+                bucket,
+                prefix,
+            } => moto::object_delete(*addr, bucket, &format!("{prefix}/{key}")),
+        }
+    }
+
     /// Every key in the repository, sorted.
     pub fn keys(&self) -> Vec<String> {
         let mut keys = match &self.store {

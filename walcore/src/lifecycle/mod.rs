@@ -7,11 +7,17 @@
 //!   stored WAL keys into the keys that may go. `--dry-run` prints the plan (`Display`), `--json`
 //!   serializes it.
 //!
-//! What it does not do: list, read or delete objects. The command that executes a plan does
+//! - [`verify`]: `walcore verify`: every object read through the codec and checked against what
+//!   refers to it, every backup's WAL and the restorable window checked for continuity, each
+//!   problem with its key, kind and consequence; a ledger in the repository so that a verified
+//!   object is not read again.
+//!
+//! What the policy does not do: list, read or delete objects. The command that executes a plan does
 //! that, and re-plans after each listing rather than trusting an old plan.
 
 pub mod expire;
 pub mod policy;
+pub mod verify;
 
 pub use policy::{
     BackupDecision, LsnRange, Policy, Reason, RetentionPlan, Rule, Unclassified, Verdict, WalSweep,

@@ -1,0 +1,1080 @@
+//! `walcore verify`: every stored byte still decodes, every object is what refers to it, and no
+//! WAL is missing that a backup or a second of the restorable window needs. Each problem comes
+//! with its object's key, its kind, and what it costs in words (which backup can no longer be
+//! restored, which interval can no longer be recovered to).
+//!
+//! The store is listed in full: only a listing shows an object deleted behind walcore's back.
+//! Objects are immutable, so one verified once is recorded in a ledger inside the repository
+//! (`verify/`, FORMAT.md §6.4) and not read again unless `--full`: a second run reads only what
+//! is new. Reads run several at a time, each streaming through the codec with bounded memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::backup::catalog::{self, BackupRecord, ObjectEntry};
+use crate::backup::plan::listing;
+use crate::backup::progress::{Meter, human};
+use crate::codec::CodecError;
+use crate::error::{Error, ErrorKind};
+use crate::pg::{
+    Lsn, SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, SegmentNo, TimelineHistory, TimelineId,
+    WalFileKind, WalFileName, WalSegmentSize, check_segment_header,
+};
+use crate::repo::Repository;
+use crate::store::ObjectInfo;
+use crate::store::keys::wal_key;
+
+/// Where verify ledgers live.
+pub const LEDGER_PREFIX: &str = "verify/";
+/// Objects read at once.
+const READS_IN_FLIGHT: usize = 4;
+/// A take whose objects were written this recently is running: its objects are not leftovers.
+const RUNNING_TAKE: Duration = Duration::from_secs(3600);
+
+/// What to verify.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Read every object again, whatever the ledger says.
+    pub full: bool,
+    /// Only this backup: its objects, its record and the WAL from its start to its stop.
+    pub backup: Option<String>,
+    /// Draw a progress line (on a terminal).
+    pub progress: bool,
+}
+
+/// What is wrong with an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// Something refers to it and it is not stored.
+    Missing,
+    /// It is stored and does not decode, or decodes to other bytes than what refers to it says.
+    Corrupt,
+    /// It was encrypted with another key than the repository's (or the key is missing).
+    WrongKey,
+    /// A WAL segment of another PostgreSQL cluster (another system identifier).
+    WrongCluster,
+    /// WAL segments missing inside the restorable window.
+    Gap,
+    /// Stored, and nothing refers to it: space that no restore uses.
+    Unreferenced,
+}
+
+impl ProblemKind {
+    fn word(self) -> &'static str {
+        match self {
+            ProblemKind::Missing => "missing",
+            ProblemKind::Corrupt => "corrupt",
+            ProblemKind::WrongKey => "wrong key",
+            ProblemKind::WrongCluster => "wrong cluster",
+            ProblemKind::Gap => "gap",
+            ProblemKind::Unreferenced => "unreferenced",
+        }
+    }
+
+    /// Whether the problem costs a restore (everything but unreferenced objects).
+    pub fn is_damage(self) -> bool {
+        self != ProblemKind::Unreferenced
+    }
+}
+
+/// One problem: the object, what is wrong, and what it costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub key: String,
+    pub kind: ProblemKind,
+    /// What was found.
+    pub detail: String,
+    /// What it costs, in words: the backups it breaks, the interval it makes unrecoverable.
+    pub consequences: Vec<String>,
+}
+
+/// What a verify run did and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub store: String,
+    pub full: bool,
+    pub backup: Option<String>,
+    /// Objects listed in the parts of the repository verified.
+    pub objects_listed: usize,
+    /// Objects read and decoded in this run.
+    pub objects_read: usize,
+    /// Stored bytes read in this run.
+    pub bytes_read: u64,
+    /// Objects the ledger says were verified before, not read again.
+    pub objects_already_verified: usize,
+    /// Backups whose objects and WAL were checked.
+    pub backups_checked: usize,
+    /// WAL segments the continuity pass found stored along the window.
+    pub window: Option<WindowReport>,
+    pub problems: Vec<Problem>,
+    /// The ledger written by this run (`None` when nothing new was verified or it could not
+    /// be written).
+    pub ledger: Option<String>,
+}
+
+/// The restorable window the continuity pass walked.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowReport {
+    pub timeline: u32,
+    /// The oldest backup on the newest timeline's history, where the window starts.
+    pub from_backup: String,
+    pub first_segment: String,
+    pub last_segment: String,
+    pub segments: u64,
+}
+
+impl VerifyReport {
+    /// Whether anything costs a restore.
+    pub fn has_damage(&self) -> bool {
+        self.problems.iter().any(|p| p.kind.is_damage())
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "verified {}{}: {} objects listed, {} read ({}), {} verified before and not read again{}",
+            self.store,
+            self.backup
+                .as_ref()
+                .map(|b| format!(" (backup {b})"))
+                .unwrap_or_default(),
+            self.objects_listed,
+            self.objects_read,
+            human(self.bytes_read),
+            self.objects_already_verified,
+            if self.full { " (--full)" } else { "" }
+        )?;
+        writeln!(f, "backups checked: {}", self.backups_checked)?;
+        if let Some(w) = &self.window {
+            writeln!(
+                f,
+                "restorable window on timeline {}: from backup {}, WAL {} .. {} ({} segments)",
+                w.timeline, w.from_backup, w.first_segment, w.last_segment, w.segments
+            )?;
+        }
+        if self.problems.is_empty() {
+            return writeln!(f, "no problems found");
+        }
+        writeln!(f, "{} problem(s):", self.problems.len())?;
+        for p in &self.problems {
+            writeln!(f, "  {}: {} ({})", p.kind.word(), p.key, p.detail)?;
+            for c in &p.consequences {
+                writeln!(f, "    -> {c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A ledger: the objects verified so far (FORMAT.md §6.4).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Ledger {
+    format_version: u32,
+    /// The newest modification time, as the store reports it, of the objects listed by the
+    /// run that wrote this ledger (RFC 3339). An object counts as verified only when its own
+    /// time is not after it: an object written again after that run is read again.
+    listed_through: String,
+    /// Keys of objects verified that are not WAL segments.
+    keys: Vec<String>,
+    /// WAL segments verified, per timeline (8 hex digits): runs of segment numbers, inclusive.
+    segments: BTreeMap<String, Vec<(u64, u64)>>,
+    time: String,
+    created_by: String,
+}
+
+/// What the ledger says was verified.
+#[derive(Debug, Default)]
+struct Verified {
+    through: Option<SystemTime>,
+    keys: BTreeSet<String>,
+}
+
+impl Verified {
+    fn covers(&self, object: &ObjectInfo) -> bool {
+        self.through.is_some_and(|t| object.modified <= t) && self.keys.contains(&object.key)
+    }
+}
+
+/// The stored object kinds verify reads.
+#[derive(Debug, Clone)]
+enum Subject {
+    Wal(WalFileName),
+    Backup(String, ObjectEntry),
+}
+
+/// The outcome of reading one object.
+struct Read {
+    key: String,
+    stored: u64,
+    problem: Option<(ProblemKind, String)>,
+}
+
+/// Runs `walcore verify`.
+pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<VerifyReport, Error> {
+    let store = repo.store().describe();
+    let meta = repo.read_meta().await?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!(
+                "{store} is not a walcore repository: it has no {} (nothing was ever archived or \
+                 backed up there); check WALCORE_REPO",
+                crate::store::META_KEY
+            ),
+        )
+    })?;
+    let seg = meta.segment_size()?;
+    let system_id = meta.system_id()?;
+
+    let wal = listing(repo, "wal/", |s| s.list_info("wal/")).await?;
+    let backups = listing(repo, "backup/", |s| s.list_info("backup/")).await?;
+    let cat = catalog::scan(repo).await?;
+    let mut problems = Vec::new();
+    for (id, e) in cat.unreadable_ids.iter().zip(&cat.unreadable) {
+        let kind = match e.kind() {
+            ErrorKind::WrongKey => ProblemKind::WrongKey,
+            ErrorKind::InvalidInput => ProblemKind::WrongCluster,
+            _ => ProblemKind::Corrupt,
+        };
+        problems.push(Problem {
+            key: catalog::catalog_key(id),
+            kind,
+            detail: format!("{e:#}"),
+            consequences: vec![format!(
+                "backup {id} can no longer be listed or restored (its catalog record cannot be \
+                 read)"
+            )],
+        });
+    }
+    let records: Vec<&BackupRecord> = cat
+        .records
+        .iter()
+        .filter(|r| options.backup.as_ref().is_none_or(|b| &r.id == b))
+        .collect();
+    if let Some(id) = &options.backup
+        && records.is_empty()
+    {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no complete backup {id} in the catalog of {store} (see walcore list)"),
+        ));
+    }
+
+    // The WAL as stored, by name.
+    let mut wal_names: BTreeMap<String, (WalFileName, &ObjectInfo)> = BTreeMap::new();
+    for o in &wal {
+        match parse_wal_key(&o.key) {
+            Some(name) => {
+                wal_names.insert(o.key.clone(), (name, o));
+            }
+            None if options.backup.is_none() => problems.push(Problem {
+                key: o.key.clone(),
+                kind: ProblemKind::Unreferenced,
+                detail: "not a WAL file name of this repository's layout".into(),
+                consequences: vec!["no restore reads it; it only takes space".into()],
+            }),
+            None => {}
+        }
+    }
+    let mut histories = BTreeMap::new();
+    for (key, (name, _)) in &wal_names {
+        if *name.kind() == WalFileKind::History {
+            match repo.get_small(key).await {
+                Ok(bytes) => {
+                    if let Ok(h) = TimelineHistory::parse(name.timeline(), &bytes) {
+                        histories.insert(name.timeline(), h);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
+                // Reported by the read pass below.
+                Err(_) => {}
+            }
+        }
+    }
+    let history_of = |tli: TimelineId| {
+        histories
+            .get(&tli)
+            .cloned()
+            .unwrap_or_else(|| TimelineHistory::root(tli))
+    };
+
+    // What to read: WAL (all of it, or the backup's range), and the backups' objects.
+    let mut subjects: Vec<(ObjectInfo, Subject)> = Vec::new();
+    let needed_by_backup: Vec<(&BackupRecord, Vec<Vec<WalFileName>>)> = records
+        .iter()
+        .map(|r| {
+            (
+                *r,
+                backup_wal(r, &history_of(TimelineId(r.stop_timeline)), seg),
+            )
+        })
+        .collect();
+    let wanted_wal: Option<BTreeSet<String>> = options.backup.as_ref().map(|_| {
+        needed_by_backup
+            .iter()
+            .flat_map(|(_, segs)| segs.iter().flatten().map(wal_key))
+            .collect()
+    });
+    for (key, (name, info)) in &wal_names {
+        if wanted_wal.as_ref().is_none_or(|w| w.contains(key)) {
+            subjects.push(((*info).clone(), Subject::Wal(name.clone())));
+        }
+    }
+    let stored_backup: BTreeMap<&str, &ObjectInfo> =
+        backups.iter().map(|o| (o.key.as_str(), o)).collect();
+    for r in &records {
+        for entry in &r.objects {
+            match stored_backup.get(entry.key.as_str()) {
+                Some(info) => subjects.push((
+                    (*info).clone(),
+                    Subject::Backup(r.id.clone(), entry.clone()),
+                )),
+                None => problems.push(Problem {
+                    key: entry.key.clone(),
+                    kind: ProblemKind::Missing,
+                    detail: format!("backup {}'s {} is not stored", r.id, entry.name),
+                    consequences: vec![format!("backup {} can no longer be restored", r.id)],
+                }),
+            }
+        }
+    }
+    if options.backup.is_none() {
+        problems.extend(unreferenced_backup_objects(
+            &backups,
+            &cat.records,
+            &cat.unreadable_ids,
+            SystemTime::now(),
+        ));
+    }
+
+    // The ledger, then the reads.
+    let ledger = if options.full {
+        Verified::default()
+    } else {
+        read_ledger(repo).await?
+    };
+    let objects_listed = subjects.len() + cat.records.len();
+    let (to_read, already): (Vec<_>, Vec<_>) = subjects
+        .into_iter()
+        .partition(|(info, _)| !ledger.covers(info));
+    let meter = Arc::new(Mutex::new(Meter::new(options.progress)));
+    if let Ok(mut m) = meter.lock() {
+        m.set_total(Some(to_read.iter().map(|(i, _)| i.size).sum()));
+    }
+    let expect = Arc::new((system_id, seg));
+    let mut reads = futures::stream::iter(to_read)
+        .map(|(info, subject)| {
+            let meter = meter.clone();
+            let expect = expect.clone();
+            async move { read_one(repo, info, subject, &expect, &meter).await }
+        })
+        .buffer_unordered(READS_IN_FLIGHT);
+    let mut bad_wal: BTreeSet<String> = BTreeSet::new();
+    let mut verified_now: Vec<String> = Vec::new();
+    let mut objects_read = 0;
+    let mut bytes_read = 0;
+    let mut read_problems = Vec::new();
+    while let Some(read) = reads.next().await {
+        let read = read?;
+        objects_read += 1;
+        bytes_read += read.stored;
+        match read.problem {
+            None => verified_now.push(read.key),
+            Some((kind, detail)) => {
+                if read.key.starts_with("wal/") {
+                    bad_wal.insert(read.key.clone());
+                }
+                read_problems.push(Problem {
+                    key: read.key,
+                    kind,
+                    detail,
+                    consequences: Vec::new(),
+                });
+            }
+        }
+    }
+    drop(reads);
+    if let Ok(mut m) = meter.lock() {
+        m.finish();
+    }
+
+    // Continuity: what each backup needs, and the window.
+    let present = |name: &WalFileName| {
+        let key = wal_key(name);
+        wal_names.contains_key(&key) && !bad_wal.contains(&key)
+    };
+    let mut consequences: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (r, segments) in &needed_by_backup {
+        if r.wal_included {
+            continue;
+        }
+        for choices in segments {
+            if choices.iter().any(&present) {
+                continue;
+            }
+            let key = wal_key(&choices[0]);
+            consequences.entry(key).or_default().push(format!(
+                "backup {} can no longer be restored (it needs this segment to become consistent)",
+                r.id
+            ));
+        }
+    }
+    let mut window = None;
+    if options.backup.is_none() {
+        let w = window_pass(&cat.records, &histories, &wal_names, &present, seg);
+        if let Some((report, gaps)) = w {
+            window = Some(report);
+            for gap in gaps {
+                for key in &gap.keys {
+                    consequences
+                        .entry(key.clone())
+                        .or_default()
+                        .push(gap.consequence.clone());
+                }
+            }
+        }
+    }
+    for p in &mut read_problems {
+        if let Some(c) = consequences.remove(&p.key) {
+            p.consequences = c;
+        } else if p.key.starts_with("wal/") {
+            p.consequences
+                .push("no backup and no second of the restorable window needs it".into());
+        } else if let Some(id) = backup_id_of(&p.key) {
+            p.consequences
+                .push(format!("backup {id} can no longer be restored"));
+        }
+    }
+    problems.extend(read_problems);
+    problems.extend(missing_wal(consequences));
+    problems.sort_by(|a, b| a.key.cmp(&b.key).then(a.kind.cmp(&b.kind)));
+
+    // Catalog records were decoded by the scan: they count as verified.
+    let mut verified: BTreeSet<String> = already.into_iter().map(|(i, _)| i.key).collect();
+    verified.extend(verified_now);
+    verified.extend(cat.records.iter().map(|r| catalog::catalog_key(&r.id)));
+    let objects_already_verified = objects_listed - objects_read - cat.records.len();
+    let through = wal.iter().chain(&backups).map(|o| o.modified).max();
+    let ledger_key = if objects_read > 0 || options.full {
+        write_ledger(repo, &verified, through).await
+    } else {
+        None
+    };
+
+    Ok(VerifyReport {
+        store,
+        full: options.full,
+        backup: options.backup.clone(),
+        objects_listed,
+        objects_read,
+        bytes_read,
+        objects_already_verified,
+        backups_checked: records.len(),
+        window,
+        problems,
+        ledger: ledger_key,
+    })
+}
+
+/// Reads and checks one object. Store failures that outlast the retries end the run (the
+/// store is down, the object not bad); everything else is a problem of the object.
+async fn read_one(
+    repo: &Repository,
+    info: ObjectInfo,
+    subject: Subject,
+    expect: &(u64, WalSegmentSize),
+    meter: &Arc<Mutex<Meter>>,
+) -> Result<Read, Error> {
+    let store = repo.store().describe();
+    let key = info.key.clone();
+    let reader = match repo.store().open_reader(&key).await {
+        Ok(r) => r,
+        Err(e) => {
+            let e = e.into_error("reading", &key, &store);
+            return match e.kind() {
+                ErrorKind::NotFound => Ok(Read {
+                    key,
+                    stored: 0,
+                    problem: Some((ProblemKind::Missing, "deleted while verify ran".into())),
+                }),
+                _ => Err(e),
+            };
+        }
+    };
+    let codec = repo.codec().clone();
+    let meter = meter.clone();
+    let (system_id, seg) = *expect;
+    let name = key.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut sink = Sink {
+            first: Vec::with_capacity(SIZE_OF_XLOG_LONG_PHD),
+        };
+        let mut counted = Counted {
+            inner: reader,
+            n: 0,
+            meter,
+        };
+        let summary = codec.decode(&name, &mut counted, &mut sink);
+        (summary, sink.first, counted.n)
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Internal, format!("decoder thread failed: {e}")))?;
+    let (summary, first, stored) = outcome;
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            if let CodecError::Read(io) = &e
+                && !looks_like_corruption(io)
+            {
+                return Err(Error::from(e).context(format!("reading {key} in {store}")));
+            }
+            let kind = match &e {
+                CodecError::WrongKey { .. }
+                | CodecError::KeyMissing { .. }
+                | CodecError::Unencrypted => ProblemKind::WrongKey,
+                _ => ProblemKind::Corrupt,
+            };
+            return Ok(Read {
+                key,
+                stored,
+                problem: Some((kind, Error::from(e).to_string())),
+            });
+        }
+    };
+    let problem = match subject {
+        Subject::Wal(name) => check_wal(&name, &first, summary.plaintext_len, system_id, seg),
+        Subject::Backup(id, entry) => {
+            if summary.plaintext_len != entry.plaintext_len
+                || summary.plaintext_crc != entry.plaintext_crc32
+            {
+                Some((
+                    ProblemKind::Corrupt,
+                    format!(
+                        "decodes to {} bytes with CRC-32 {:08x}; backup {id}'s catalog record \
+                         says {} bytes with CRC-32 {:08x}",
+                        summary.plaintext_len,
+                        summary.plaintext_crc,
+                        entry.plaintext_len,
+                        entry.plaintext_crc32
+                    ),
+                ))
+            } else if info.size != entry.stored_len {
+                Some((
+                    ProblemKind::Corrupt,
+                    format!(
+                        "stored as {} bytes; backup {id}'s catalog record says {}",
+                        info.size, entry.stored_len
+                    ),
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    Ok(Read {
+        key,
+        stored,
+        problem,
+    })
+}
+
+/// An I/O error while reading a stored object: a store failure (reported as an error) unless
+/// it is the store's way of saying the bytes are short.
+fn looks_like_corruption(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::UnexpectedEof
+}
+
+/// The checks of a decoded WAL file against its name and the repository.
+fn check_wal(
+    name: &WalFileName,
+    first: &[u8],
+    len: u64,
+    system_id: u64,
+    seg: WalSegmentSize,
+) -> Option<(ProblemKind, String)> {
+    match name.kind() {
+        WalFileKind::Segment | WalFileKind::Partial => {
+            let expect = SegmentExpectations {
+                name: name.clone(),
+                system_id: None,
+                seg_size: Some(seg),
+            };
+            let header = match check_segment_header(first, &expect) {
+                Ok(h) => h,
+                Err(e) => return Some((ProblemKind::Corrupt, e.to_string())),
+            };
+            if header.system_id != system_id {
+                return Some((
+                    ProblemKind::WrongCluster,
+                    format!(
+                        "a segment of the cluster with system identifier {}; this repository \
+                         holds cluster {system_id}",
+                        header.system_id
+                    ),
+                ));
+            }
+            if name.is_segment() && len != u64::from(seg.bytes()) {
+                return Some((
+                    ProblemKind::Corrupt,
+                    format!("{len} bytes, a segment has {}", seg.bytes()),
+                ));
+            }
+            None
+        }
+        WalFileKind::History => TimelineHistory::parse(name.timeline(), first)
+            .err()
+            .map(|e| (ProblemKind::Corrupt, e.to_string())),
+        _ => None,
+    }
+}
+
+/// Collects the first bytes of a decoded object (a segment's page header, or a whole history
+/// file) and drops the rest.
+struct Sink {
+    first: Vec<u8>,
+}
+
+/// History files are read whole; a segment's header is the first 40 bytes.
+const FIRST_BYTES: usize = 64 * 1024;
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = FIRST_BYTES.saturating_sub(self.first.len()).min(buf.len());
+        self.first.extend_from_slice(&buf[..room]);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts the stored bytes read, for the report and the progress line.
+struct Counted<R> {
+    inner: R,
+    n: u64,
+    meter: Arc<Mutex<Meter>>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        if let Ok(mut m) = self.meter.lock() {
+            m.add(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// A WAL key of this layout: `wal/TTTTTTTT/LLLLLLLL/NAME` or `wal/history/NAME`, with the
+/// directories matching the name.
+fn parse_wal_key(key: &str) -> Option<WalFileName> {
+    let name = WalFileName::parse(key.rsplit('/').next()?).ok()?;
+    (wal_key(&name) == key).then_some(name)
+}
+
+/// The backup ID a `backup/ID/...` key belongs to.
+fn backup_id_of(key: &str) -> Option<&str> {
+    key.strip_prefix("backup/")?.split('/').next()
+}
+
+/// The segments a backup needs from its start to its stop, each as the names that can serve
+/// it (the one PostgreSQL asks for first, then the one of the backup's own timeline there).
+fn backup_wal(
+    r: &BackupRecord,
+    path: &TimelineHistory,
+    seg: WalSegmentSize,
+) -> Vec<Vec<WalFileName>> {
+    let first = r.start_lsn.segment(seg).0;
+    let last = r.stop_lsn.segment(seg).0;
+    (first..=last)
+        .map(|s| serving(path, SegmentNo(s), seg))
+        .collect()
+}
+
+/// The names that can serve segment `s` along `path`: the newest timeline of the path that
+/// began at or before the segment (what PostgreSQL reads first), then the timeline that holds
+/// the segment's first byte.
+fn serving(path: &TimelineHistory, s: SegmentNo, seg: WalSegmentSize) -> Vec<WalFileName> {
+    let start = s.start_lsn(seg);
+    let end = Lsn(start.0 + u64::from(seg.bytes()) - 1);
+    let newest = path.timeline_at(end);
+    let holder = path.timeline_at(start);
+    let mut out = vec![WalFileName::segment(newest, s, seg)];
+    if holder != newest {
+        out.push(WalFileName::segment(holder, s, seg));
+    }
+    out
+}
+
+/// A run of segments missing or unreadable inside the window, and what it costs.
+struct Gap {
+    keys: Vec<String>,
+    consequence: String,
+}
+
+/// The continuity pass over the restorable window: along the newest timeline's history, from
+/// the oldest backup on it to the newest segment stored on it, every segment must be there.
+fn window_pass(
+    records: &[BackupRecord],
+    histories: &BTreeMap<TimelineId, TimelineHistory>,
+    wal: &BTreeMap<String, (WalFileName, &ObjectInfo)>,
+    present: &dyn Fn(&WalFileName) -> bool,
+    seg: WalSegmentSize,
+) -> Option<(WindowReport, Vec<Gap>)> {
+    let newest_tli = histories
+        .keys()
+        .copied()
+        .chain(records.iter().map(|r| TimelineId(r.stop_timeline)))
+        .max()?;
+    let path = histories
+        .get(&newest_tli)
+        .cloned()
+        .unwrap_or_else(|| TimelineHistory::root(newest_tli));
+    let on_path: Vec<&BackupRecord> = records
+        .iter()
+        .filter(|r| {
+            path.reaches(TimelineId(r.start_timeline), r.start_lsn)
+                && path.reaches(TimelineId(r.stop_timeline), r.stop_lsn)
+        })
+        .collect();
+    let oldest = on_path.iter().min_by_key(|r| r.start_lsn)?;
+    // The newest segment stored along the path.
+    let last = wal
+        .values()
+        .filter(|(n, _)| n.is_segment())
+        .filter_map(|(n, _)| {
+            let s = n.segno(seg).ok()?;
+            path.reaches(n.timeline(), s.start_lsn(seg)).then_some(s.0)
+        })
+        .max()?;
+    let first = oldest.start_lsn.segment(seg).0;
+    if last < first {
+        return None;
+    }
+    let mut gaps = Vec::new();
+    let mut run: Vec<(u64, String)> = Vec::new();
+    let flush = |run: &mut Vec<(u64, String)>, gaps: &mut Vec<Gap>| {
+        let (Some((lo, _)), Some((hi, _))) = (run.first(), run.last()) else {
+            return;
+        };
+        let before = SegmentNo(*lo).start_lsn(seg);
+        let after = SegmentNo(hi + 1).start_lsn(seg);
+        let t1 = wal
+            .get(&wal_key(
+                &serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0],
+            ))
+            .map(|(_, o)| catalog::format_time(o.modified));
+        let from = on_path
+            .iter()
+            .filter(|r| r.stop_lsn < before)
+            .map(|r| r.stop_time.clone())
+            .max();
+        let t1 = t1
+            .or(from)
+            .unwrap_or_else(|| "the start of the window".into());
+        let next = on_path
+            .iter()
+            .filter(|r| r.start_lsn >= after)
+            .min_by_key(|r| r.start_lsn);
+        let consequence = match next {
+            Some(b) => format!(
+                "no point-in-time recovery between {t1} and {} (backup {} finishes after the \
+                 gap; recovery from an older backup stops at WAL position {before})",
+                b.stop_time, b.id
+            ),
+            None => format!(
+                "no point-in-time recovery after {t1}: recovery stops at WAL position {before}, \
+                 and no backup was taken after the gap"
+            ),
+        };
+        gaps.push(Gap {
+            keys: run.drain(..).map(|(_, k)| k).collect(),
+            consequence,
+        });
+    };
+    for s in first..=last {
+        let choices = serving(&path, SegmentNo(s), seg);
+        if choices.iter().any(present) {
+            flush(&mut run, &mut gaps);
+        } else {
+            run.push((s, wal_key(&choices[0])));
+        }
+    }
+    flush(&mut run, &mut gaps);
+    Some((
+        WindowReport {
+            timeline: newest_tli.0,
+            from_backup: oldest.id.clone(),
+            first_segment: WalFileName::segment(
+                path.timeline_at(SegmentNo(first).start_lsn(seg)),
+                SegmentNo(first),
+                seg,
+            )
+            .to_string(),
+            last_segment: WalFileName::segment(
+                path.timeline_at(SegmentNo(last).start_lsn(seg)),
+                SegmentNo(last),
+                seg,
+            )
+            .to_string(),
+            segments: last - first + 1,
+        },
+        gaps,
+    ))
+}
+
+/// Problems for WAL that something needs and that is not stored at all (unreadable ones were
+/// reported by the read pass and took their consequences there). A run of consecutive
+/// segments with the same consequences is one gap problem.
+fn missing_wal(consequences: BTreeMap<String, Vec<String>>) -> Vec<Problem> {
+    let mut out: Vec<Problem> = Vec::new();
+    for (key, cs) in consequences {
+        // A segment a backup needs is missing; one only the window needs is a gap in it.
+        let kind = if cs.iter().any(|c| c.starts_with("backup ")) {
+            ProblemKind::Missing
+        } else {
+            ProblemKind::Gap
+        };
+        if let Some(prev) = out.last_mut()
+            && prev.kind == kind
+            && prev.consequences == cs
+            && adjacent(&prev.detail, &key)
+        {
+            prev.detail = extend_run(&prev.detail, &key);
+            continue;
+        }
+        out.push(Problem {
+            detail: format!("not stored: {}", key.rsplit('/').next().unwrap_or(&key)),
+            key,
+            kind,
+            consequences: cs,
+        });
+    }
+    out
+}
+
+/// Whether `key`'s segment follows the last segment named in a run's detail.
+fn adjacent(detail: &str, key: &str) -> bool {
+    let last = detail.rsplit([' ', '.']).next().unwrap_or("");
+    let (Ok(a), Some(b)) = (
+        WalFileName::parse(last),
+        key.rsplit('/')
+            .next()
+            .and_then(|n| WalFileName::parse(n).ok()),
+    ) else {
+        return false;
+    };
+    a.timeline() == b.timeline()
+        && a.is_segment()
+        && b.is_segment()
+        && (u64::from(b.log_id()) << 32 | u64::from(b.seg_id()))
+            == (u64::from(a.log_id()) << 32 | u64::from(a.seg_id())) + 1
+}
+
+fn extend_run(detail: &str, key: &str) -> String {
+    let first = detail
+        .strip_prefix("not stored: ")
+        .unwrap_or(detail)
+        .split(' ')
+        .next()
+        .unwrap_or("");
+    let first = first.split("..").next().unwrap_or(first);
+    format!(
+        "not stored: {first}..{}",
+        key.rsplit('/').next().unwrap_or(key)
+    )
+}
+
+/// Objects under `backup/` that no record refers to: leftovers of takes that never finished
+/// (older than a running take's sign of life), and keys a recorded backup does not list.
+fn unreferenced_backup_objects(
+    stored: &[ObjectInfo],
+    records: &[BackupRecord],
+    unreadable: &[String],
+    now: SystemTime,
+) -> Vec<Problem> {
+    let listed: BTreeSet<&str> = records
+        .iter()
+        .flat_map(|r| r.objects.iter().map(|o| o.key.as_str()))
+        .collect();
+    let recorded: BTreeSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    let mut newest: BTreeMap<&str, SystemTime> = BTreeMap::new();
+    for o in stored {
+        if let Some(id) = backup_id_of(&o.key) {
+            let t = newest.entry(id).or_insert(o.modified);
+            *t = (*t).max(o.modified);
+        }
+    }
+    let mut out = Vec::new();
+    for o in stored {
+        let Some(id) = backup_id_of(&o.key) else {
+            continue;
+        };
+        if listed.contains(o.key.as_str()) || unreadable.iter().any(|u| u == id) {
+            continue;
+        }
+        let recent = newest
+            .get(id)
+            .is_some_and(|t| now.duration_since(*t).unwrap_or_default() < RUNNING_TAKE);
+        if !recorded.contains(id) && recent {
+            continue; // a take still running
+        }
+        if recorded.contains(id) && o.key.contains("/heartbeat/") {
+            continue; // a finished take deletes its beats right after its record
+        }
+        let detail = if recorded.contains(id) {
+            format!("backup {id}'s catalog record does not list it")
+        } else {
+            format!(
+                "backup {id} has no catalog record: the leftovers of a take that never finished"
+            )
+        };
+        out.push(Problem {
+            key: o.key.clone(),
+            kind: ProblemKind::Unreferenced,
+            detail,
+            consequences: vec![
+                "no restore reads it; it only takes space (walcore expire sweeps the leftovers \
+                 of takes that never finished)"
+                    .into(),
+            ],
+        });
+    }
+    out
+}
+
+/// The newest ledger, or nothing verified when there is none. An unreadable ledger costs
+/// reads, never a wrong answer: everything is read again.
+async fn read_ledger(repo: &Repository) -> Result<Verified, Error> {
+    let keys = listing(repo, LEDGER_PREFIX, |s| s.list(LEDGER_PREFIX)).await?;
+    let Some(newest) = keys.iter().filter(|k| is_ledger_key(k)).max() else {
+        return Ok(Verified::default());
+    };
+    let ledger: Ledger = match repo.get_small(newest).await {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("verify ledger {newest} is not readable ({e}): reading everything");
+                return Ok(Verified::default());
+            }
+        },
+        Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
+        Err(e) => {
+            tracing::warn!("verify ledger {newest} is not readable ({e:#}): reading everything");
+            return Ok(Verified::default());
+        }
+    };
+    let Ok(through) = chrono::DateTime::parse_from_rfc3339(&ledger.listed_through) else {
+        return Ok(Verified::default());
+    };
+    let mut keys: BTreeSet<String> = ledger.keys.into_iter().collect();
+    for (tli, runs) in ledger.segments {
+        let Ok(tli) = u32::from_str_radix(&tli, 16) else {
+            continue;
+        };
+        for (lo, hi) in runs {
+            for s in lo..=hi.min(lo.saturating_add(1 << 24)) {
+                keys.insert(segment_key_raw(tli, s));
+            }
+        }
+    }
+    Ok(Verified {
+        through: Some(SystemTime::from(through)),
+        keys,
+    })
+}
+
+/// Ledger names: `verify/YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX`, like pin events.
+fn is_ledger_key(key: &str) -> bool {
+    key.strip_prefix(LEDGER_PREFIX)
+        .is_some_and(|n| n.len() == 29 && n.as_bytes()[8] == b'T')
+}
+
+/// The key of segment number `s` (counted in the ledger's own unit: the 64-bit name number
+/// `log << 32 | seg`) on timeline `tli`.
+fn segment_key_raw(tli: u32, s: u64) -> String {
+    let log = s >> 32;
+    let low = s & 0xFFFF_FFFF;
+    format!("wal/{tli:08X}/{log:08X}/{tli:08X}{log:08X}{low:08X}")
+}
+
+/// Writes the ledger of everything verified so far; the older ledgers go. Best effort: a
+/// ledger that cannot be written costs the next run its reads, nothing else.
+async fn write_ledger(
+    repo: &Repository,
+    verified: &BTreeSet<String>,
+    through: Option<SystemTime>,
+) -> Option<String> {
+    let through = through?;
+    let mut ledger = Ledger {
+        format_version: 1,
+        listed_through: chrono::DateTime::<chrono::Utc>::from(through)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        time: catalog::format_time(SystemTime::now()),
+        created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
+        ..Ledger::default()
+    };
+    let mut runs: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for key in verified {
+        match key
+            .rsplit('/')
+            .next()
+            .and_then(|n| WalFileName::parse(n).ok())
+            .filter(|n| n.is_segment() && wal_key(n) == *key)
+        {
+            Some(n) => {
+                let s = u64::from(n.log_id()) << 32 | u64::from(n.seg_id());
+                let list = runs.entry(n.timeline().0).or_default();
+                match list.last_mut() {
+                    Some(last) if last.1 + 1 == s => last.1 = s,
+                    _ => list.push((s, s)),
+                }
+            }
+            None => ledger.keys.push(key.clone()),
+        }
+    }
+    ledger.segments = runs
+        .into_iter()
+        .map(|(t, r)| (format!("{t:08X}"), r))
+        .collect();
+    let old = listing(repo, LEDGER_PREFIX, |s| s.list(LEDGER_PREFIX))
+        .await
+        .ok()?;
+    let key = ledger_key(SystemTime::now());
+    let body = serde_json::to_vec(&ledger).ok()?;
+    match repo.put_small(&key, body).await {
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(
+                "could not record what was verified in {key} ({e:#}): the next run reads it all again"
+            );
+            return None;
+        }
+    }
+    let stale: Vec<String> = old.into_iter().filter(|k| is_ledger_key(k)).collect();
+    if let Err(e) = repo.store().delete_many(&stale).await {
+        tracing::warn!("could not delete older verify ledgers ({e}); they are ignored");
+    }
+    Some(key)
+}
+
+fn ledger_key(now: SystemTime) -> String {
+    let t: chrono::DateTime<chrono::Utc> = now.into();
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!(
+        "{LEDGER_PREFIX}{}-{}",
+        t.format("%Y%m%dT%H%M%S%.3fZ"),
+        hex::encode(r)
+    )
+}
