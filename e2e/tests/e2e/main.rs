@@ -24,3 +24,4 @@ mod selftest;
 mod store_conformance;
 mod throughput;
 mod tls;
+mod verify;
