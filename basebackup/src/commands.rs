@@ -180,7 +180,7 @@ pub fn main<A: Parser>(run: impl FnOnce(A) -> u8) -> ExitCode {
     }
 }
 
-fn flags(global: Global) -> (Layer, bool) {
+pub(crate) fn flags(global: Global) -> (Layer, bool) {
     let mut flags = Layer::default();
     flags.set_flag("repo", "--repo", global.repo);
     flags.set_flag("compression", "--compression", global.compression);

@@ -2,4 +2,5 @@
 //! and `walcore-basebackup` (the pg_basebackup-style entry point). Both run the same clap
 //! definitions and handlers, in [`commands`].
 
+pub mod check;
 pub mod commands;

@@ -22,6 +22,7 @@
 //! - [`replication`]: a client of PostgreSQL's replication protocol.
 //! - [`backup`]: base backups over that protocol, the backup catalog, and restores to a target.
 //! - [`lifecycle`]: decisions about the whole repository: the retention policy as a pure plan.
+//! - [`watch`]: reports on a setup: `walcore check` (settings, repository, one segment archived).
 //! - [`ops`]: one operation per binary (with look-ahead archiving and restore prefetch);
 //!   [`exit`] maps their errors to exit codes; [`progress`] ends calls that stall.
 
@@ -38,5 +39,6 @@ pub mod progress;
 pub mod replication;
 pub mod repo;
 pub mod store;
+pub mod watch;
 
 pub use error::{Error, ErrorKind};

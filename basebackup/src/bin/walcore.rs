@@ -23,6 +23,12 @@ struct Args {
 enum Operator {
     #[command(flatten)]
     Repository(Command),
+    /// Check the setup (run it right after setting archive_command); exits 0 when all passed.
+    ///
+    /// Checks the server's wal_level, archive_mode and archive_command, its cluster against the
+    /// repository's, the repository (reachable, writable, the right key), and that one WAL
+    /// segment switched on the server arrives in the repository.
+    Check(basebackup::check::CheckArgs),
     /// Pin a backup: it will never expire, whatever the retention policy says.
     Pin {
         /// The backup ID (see list).
@@ -45,6 +51,7 @@ enum Operator {
 fn main() -> ExitCode {
     commands::main(|args: Args| match args.command {
         Operator::Repository(command) => commands::run(args.global, command),
+        Operator::Check(check) => basebackup::check::run(args.global, check),
         Operator::Pin { id, note } => commands::pin(args.global, id, note),
         Operator::Unpin { id } => commands::unpin(args.global, id),
         Operator::Expire(expire) => commands::expire(args.global, expire),
