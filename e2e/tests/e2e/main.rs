@@ -8,6 +8,7 @@
 mod archive_matrix;
 mod backup;
 mod backup_failures;
+mod check;
 mod downloads;
 mod expire_safety;
 mod faults;
