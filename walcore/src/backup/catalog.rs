@@ -192,7 +192,7 @@ fn parse_record_time(id: &str, field: &str, text: &str) -> Result<DateTime<Utc>,
 
 /// The repository's metadata; an error when there is none: a repository that does not exist
 /// (a mistyped URL, an unmounted directory) is not one with no backups.
-async fn repository_meta(repo: &Repository) -> Result<RepoMeta, Error> {
+pub(crate) async fn repository_meta(repo: &Repository) -> Result<RepoMeta, Error> {
     repo.read_meta().await?.ok_or_else(|| {
         Error::new(
             ErrorKind::Configuration,
@@ -255,7 +255,11 @@ pub struct Tombstone {
 }
 
 /// Reads `catalog/ID`: a checked record or a tombstone; `NotFound` when neither exists.
-async fn load_entry(repo: &Repository, id: &str, meta: &RepoMeta) -> Result<Entry, Error> {
+pub(crate) async fn load_entry(
+    repo: &Repository,
+    id: &str,
+    meta: &RepoMeta,
+) -> Result<Entry, Error> {
     let key = catalog_key(id);
     let bytes = repo
         .with_retry(&format!("reading {key}"), || repo.get_small(&key))
@@ -322,10 +326,17 @@ pub struct Listing {
 /// Catalog records read at once by [`scan`].
 const READS_IN_FLIGHT: usize = 16;
 
+/// Every catalog record, through the repository index (`lifecycle::index`): the catalog is
+/// listed, and only records the index does not hold as listed are read. The same answer as
+/// [`scan_direct`].
+pub async fn scan(repo: &Repository) -> Result<Listing, Error> {
+    crate::lifecycle::index::catalog(repo).await
+}
+
 /// Reads every catalog record. A record that cannot be read or fails its checks does not hide
 /// the others: it goes to [`Listing::unreadable`]. A store that stays unreachable, or a
 /// repository that does not exist, is an error.
-pub async fn scan(repo: &Repository) -> Result<Listing, Error> {
+pub async fn scan_direct(repo: &Repository) -> Result<Listing, Error> {
     let meta = repository_meta(repo).await?;
     let store = repo.store().describe();
     let keys = repo

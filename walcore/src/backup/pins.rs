@@ -48,7 +48,7 @@ pub struct PinEvent {
 }
 
 /// Whether a backup is pinned, from its newest event.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinState {
     pub pinned: bool,
     /// The note of the pin in force (none when not pinned or pinned without one).
@@ -185,9 +185,29 @@ pub async fn state(repo: &Repository, id: &str) -> Result<PinState, Error> {
     Ok(newest(repo, id).await?.0)
 }
 
+/// The pin state of every backup that has events, by ID, through the repository index: the
+/// same answer as [`states_direct`], reading only the events the index does not hold.
+pub async fn states(repo: &Repository) -> Result<BTreeMap<String, PinState>, Error> {
+    crate::lifecycle::index::pin_states(repo).await
+}
+
+/// The name of the newest event of every backup that has events, from one listing of `pins/`.
+pub(crate) async fn newest_events(repo: &Repository) -> Result<BTreeMap<String, String>, Error> {
+    let keys = list_keys(repo, PINS_PREFIX).await?;
+    Ok(group(&keys)
+        .into_iter()
+        .filter_map(|(id, mut names)| names.pop().map(|n| (id, n)))
+        .collect())
+}
+
+/// The pin state event `name` of backup `id` sets.
+pub(crate) async fn read_state(repo: &Repository, id: &str, name: &str) -> Result<PinState, Error> {
+    Ok(state_of(&read_event(repo, id, name).await?))
+}
+
 /// The pin state of every backup that has events, by ID, from one listing of `pins/`. A newest
 /// event that cannot be read is an error: it must never read as "not pinned".
-pub async fn states(repo: &Repository) -> Result<BTreeMap<String, PinState>, Error> {
+pub async fn states_direct(repo: &Repository) -> Result<BTreeMap<String, PinState>, Error> {
     let keys = list_keys(repo, PINS_PREFIX).await?;
     let mut out = BTreeMap::new();
     for (id, mut names) in group(&keys) {

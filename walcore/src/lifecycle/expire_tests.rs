@@ -92,8 +92,11 @@ async fn commit(repo: &Repository, r: BackupRecord) {
     catalog::commit(repo, &r).await.expect("commit");
 }
 
+/// The repository's keys but the index's (a cache any command may refresh).
 async fn keys(repo: &Repository) -> Vec<String> {
-    repo.store().list("").await.expect("list")
+    let mut keys = repo.store().list("").await.expect("list");
+    keys.retain(|k| !k.starts_with(crate::lifecycle::index::INDEX_PREFIX));
+    keys
 }
 
 fn policy_last(n: u32) -> Policy {

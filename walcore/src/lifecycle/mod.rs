@@ -16,6 +16,7 @@
 //! that, and re-plans after each listing rather than trusting an old plan.
 
 pub mod expire;
+pub mod index;
 pub mod policy;
 pub mod verify;
 

@@ -1,0 +1,337 @@
+//! The repository index (FORMAT.md §6.5): a cache of the catalog records and pin states, so
+//! that `list`, `show`, restore plans, `expire` and `verify` read one object and list the
+//! catalog instead of reading every record (ten thousand backups were ten thousand requests).
+//!
+//! It is never the only truth. Every use lists `catalog/` and `pins/` (a request per thousand
+//! keys) and trusts a cached record only while the listing shows its object with the size and
+//! time it had when it was cached; anything else is read again. A missing, stale, unreadable or
+//! half-written index costs those reads, never a wrong answer. Index objects are written
+//! create-only under new names (`index/TIME-RANDOM`), the newest wins, older ones are deleted
+//! after a new one is written: it fits storage where nothing is ever overwritten, and a writer
+//! killed at any point leaves either the old index or the new one, both valid caches.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::backup::catalog::{self, BackupRecord, Entry, Listing, Tombstone};
+use crate::backup::pins::{self, PinState};
+use crate::error::{Error, ErrorKind};
+use crate::repo::Repository;
+use crate::store::ObjectInfo;
+
+/// Where index objects live.
+pub const INDEX_PREFIX: &str = "index/";
+/// Records read at once when the index does not have them.
+const READS_IN_FLIGHT: usize = 16;
+
+/// One index object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Index {
+    pub format_version: u32,
+    /// When it was written.
+    #[serde(default)]
+    pub time: String,
+    #[serde(default)]
+    pub created_by: String,
+    /// Catalog entries by backup ID, each with the size and time its `catalog/ID` object had.
+    #[serde(default)]
+    pub catalog: BTreeMap<String, CachedEntry>,
+    /// Pin states by backup ID, each with the name of the newest event it was read from.
+    #[serde(default)]
+    pub pins: BTreeMap<String, CachedPin>,
+}
+
+/// A catalog record or tombstone as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedEntry {
+    /// The stored size of `catalog/ID`.
+    pub size: u64,
+    /// Its time as the store listed it (RFC 3339, nanoseconds).
+    pub modified: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<BackupRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tombstone: Option<Tombstone>,
+}
+
+/// A pin state as the index keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedPin {
+    /// The newest event's name under `pins/ID/`.
+    pub event: String,
+    pub state: PinState,
+}
+
+fn stamp(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+/// Index object names: `index/YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX`; they sort by time.
+fn is_index_key(key: &str) -> bool {
+    key.strip_prefix(INDEX_PREFIX).is_some_and(|n| {
+        n.len() == 29 && n.as_bytes()[8] == b'T' && n[21..].bytes().all(|c| c.is_ascii_hexdigit())
+    })
+}
+
+fn new_index_key(now: SystemTime) -> String {
+    let t: DateTime<Utc> = now.into();
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!(
+        "{INDEX_PREFIX}{}-{}",
+        t.format("%Y%m%dT%H%M%S%.3fZ"),
+        hex::encode(r)
+    )
+}
+
+/// The index objects stored, oldest first.
+async fn index_keys(repo: &Repository) -> Result<Vec<String>, Error> {
+    let keys = crate::backup::plan::listing(repo, INDEX_PREFIX, |s| s.list(INDEX_PREFIX)).await?;
+    let mut keys: Vec<String> = keys.into_iter().filter(|k| is_index_key(k)).collect();
+    keys.sort();
+    Ok(keys)
+}
+
+/// The newest readable index and the keys of all stored ones; an empty index when there is
+/// none or the newest cannot be read (a cache: reading the objects again is always right).
+async fn read_newest(repo: &Repository) -> Result<(Index, Vec<String>), Error> {
+    let keys = index_keys(repo).await?;
+    let Some(newest) = keys.last() else {
+        return Ok((Index::default(), keys));
+    };
+    match repo.get_small(newest).await {
+        Ok(bytes) => match serde_json::from_slice::<Index>(&bytes) {
+            Ok(index) if index.format_version == 1 => Ok((index, keys)),
+            Ok(index) => {
+                tracing::debug!(
+                    "index {newest} has format version {}: not used",
+                    index.format_version
+                );
+                Ok((Index::default(), keys))
+            }
+            Err(e) => {
+                tracing::warn!("index {newest} is not readable ({e}): reading the catalog");
+                Ok((Index::default(), keys))
+            }
+        },
+        Err(e) if e.kind() == ErrorKind::Transient => Err(e),
+        Err(e) => {
+            tracing::warn!("index {newest} is not readable ({e:#}): reading the catalog");
+            Ok((Index::default(), keys))
+        }
+    }
+}
+
+/// Writes `index` as a new index object, then deletes `old` ones. Best effort: a repository
+/// that may only be read (a restore with read-only credentials) keeps working without it.
+async fn write(repo: &Repository, mut index: Index, old: &[String]) -> Option<String> {
+    let now = SystemTime::now();
+    index.format_version = 1;
+    index.time = catalog::format_time(now);
+    index.created_by = format!("walcore {}", env!("CARGO_PKG_VERSION"));
+    let body = match serde_json::to_vec(&index) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("encoding the index: {e}");
+            return None;
+        }
+    };
+    let key = new_index_key(now);
+    if let Err(e) = repo.put_small(&key, body).await {
+        tracing::info!(
+            "the repository index could not be written ({e:#}); commands keep reading the \
+             catalog in full"
+        );
+        return None;
+    }
+    let stale: Vec<String> = old.iter().filter(|k| **k < key).cloned().collect();
+    if !stale.is_empty()
+        && let Err(e) = repo.store().delete_many(&stale).await
+    {
+        tracing::debug!("deleting older index objects: {e}");
+    }
+    Some(key)
+}
+
+/// The catalog, through the index: lists `catalog/`, reuses each cached entry whose object
+/// the listing shows unchanged, reads the others (several at a time), and writes a new index
+/// when anything changed. The answer is [`catalog::scan_direct`]'s.
+pub async fn catalog(repo: &Repository) -> Result<Listing, Error> {
+    let meta = catalog::repository_meta(repo).await?;
+    let listed = catalog_listing(repo).await?;
+    let (mut index, keys) = read_newest(repo).await?;
+    let (listing, changed) = refresh_catalog(repo, &meta, &mut index, &listed).await?;
+    if changed {
+        write(repo, index, &keys).await;
+    }
+    Ok(listing)
+}
+
+/// The stored `catalog/ID` objects, by ID.
+async fn catalog_listing(repo: &Repository) -> Result<Vec<(String, ObjectInfo)>, Error> {
+    let prefix = catalog::CATALOG_PREFIX;
+    let objects = crate::backup::plan::listing(repo, prefix, |s| s.list_dir(prefix)).await?;
+    let mut out: Vec<(String, ObjectInfo)> = objects
+        .into_iter()
+        .filter_map(|o| {
+            let id = o.key.strip_prefix(prefix)?.to_owned();
+            catalog::is_valid_id(&id).then_some((id, o))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+async fn refresh_catalog(
+    repo: &Repository,
+    meta: &crate::repo::RepoMeta,
+    index: &mut Index,
+    listed: &[(String, ObjectInfo)],
+) -> Result<(Listing, bool), Error> {
+    let mut changed = index.catalog.len() != listed.len();
+    let mut cached = std::mem::take(&mut index.catalog);
+    let mut fresh: BTreeMap<String, CachedEntry> = BTreeMap::new();
+    let mut to_read = Vec::new();
+    for (id, info) in listed {
+        let modified = stamp(info.modified);
+        match cached.remove(id) {
+            Some(c) if c.size == info.size && c.modified == modified => {
+                fresh.insert(id.clone(), c);
+            }
+            _ => to_read.push((id.clone(), info.size, modified)),
+        }
+    }
+    changed |= !to_read.is_empty();
+    let mut unreadable = Vec::new();
+    let mut reads = futures::stream::iter(to_read)
+        .map(|(id, size, modified)| async move {
+            let entry = catalog::load_entry(repo, &id, meta).await;
+            (id, size, modified, entry)
+        })
+        .buffered(READS_IN_FLIGHT);
+    while let Some((id, size, modified, entry)) = reads.next().await {
+        let (record, tombstone) = match entry {
+            Ok(Entry::Record(r)) => (Some(r), None),
+            Ok(Entry::Tombstone(t)) => (None, Some(t)),
+            // Deleted between the listing and the read (a concurrent expire).
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
+            // Never cached: read (and reported) again every time.
+            Err(e) => {
+                unreadable.push((id, e));
+                continue;
+            }
+        };
+        fresh.insert(
+            id,
+            CachedEntry {
+                size,
+                modified,
+                record,
+                tombstone,
+            },
+        );
+    }
+    let mut listing = Listing {
+        records: Vec::with_capacity(fresh.len()),
+        unreadable: Vec::new(),
+        unreadable_ids: Vec::new(),
+        tombstones: Vec::new(),
+    };
+    for (id, entry) in &fresh {
+        if let Some(r) = &entry.record {
+            listing.records.push(r.clone());
+        } else if entry.tombstone.is_some() {
+            listing.tombstones.push(id.clone());
+        }
+    }
+    for (id, e) in unreadable {
+        listing.unreadable_ids.push(id);
+        listing.unreadable.push(e);
+    }
+    index.catalog = fresh;
+    Ok((listing, changed))
+}
+
+/// The pin state of every backup that has events, through the index: lists `pins/`, reuses
+/// each cached state whose newest event is still the newest, reads the others. The answer is
+/// [`pins::states_direct`]'s.
+pub async fn pin_states(repo: &Repository) -> Result<BTreeMap<String, PinState>, Error> {
+    let newest = pins::newest_events(repo).await?;
+    let (mut index, keys) = read_newest(repo).await?;
+    let mut changed = index.pins.len() != newest.len();
+    let mut cached = std::mem::take(&mut index.pins);
+    let mut out = BTreeMap::new();
+    for (id, event) in newest {
+        let state = match cached.remove(&id) {
+            Some(c) if c.event == event => c.state,
+            _ => {
+                changed = true;
+                pins::read_state(repo, &id, &event).await?
+            }
+        };
+        index.pins.insert(
+            id.clone(),
+            CachedPin {
+                event,
+                state: state.clone(),
+            },
+        );
+        out.insert(id, state);
+    }
+    if changed {
+        write(repo, index, &keys).await;
+    }
+    Ok(out)
+}
+
+/// What `walcore reindex` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reindexed {
+    pub key: Option<String>,
+    pub records: usize,
+    pub tombstones: usize,
+    pub unreadable: usize,
+    pub pins: usize,
+    pub removed: usize,
+}
+
+/// `walcore reindex`: builds the index from the objects alone (every record and newest pin
+/// event read), writes it, and deletes every older index object.
+pub async fn reindex(repo: &Repository) -> Result<Reindexed, Error> {
+    let meta = catalog::repository_meta(repo).await?;
+    let listed = catalog_listing(repo).await?;
+    let old = index_keys(repo).await?;
+    let mut index = Index::default();
+    let (listing, _) = refresh_catalog(repo, &meta, &mut index, &listed).await?;
+    for (id, event) in pins::newest_events(repo).await? {
+        let state = pins::read_state(repo, &id, &event).await?;
+        index.pins.insert(id, CachedPin { event, state });
+    }
+    let pins = index.pins.len();
+    let key = write(repo, index, &old).await;
+    if key.is_none() {
+        return Err(Error::new(
+            ErrorKind::Storage,
+            format!(
+                "the index could not be written to {} (see the log)",
+                repo.store().describe()
+            ),
+        ));
+    }
+    Ok(Reindexed {
+        key,
+        records: listing.records.len(),
+        tombstones: listing.tombstones.len(),
+        unreadable: listing.unreadable.len(),
+        pins,
+        removed: old.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests;
