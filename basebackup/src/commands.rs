@@ -470,6 +470,90 @@ pub fn expire(global: Global, args: ExpireArgs) -> u8 {
     })
 }
 
+/// The flags of `walcore verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Verify only this backup: its objects, its record and the WAL from its start to its stop.
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
+    /// Read every object again, also those an earlier run verified.
+    #[arg(long)]
+    full: bool,
+    /// Draw no progress line, even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// The exit status of a verify run that found problems: 5 when a restore is affected (an
+/// object missing, corrupt, of another key or cluster, a gap), 1 when the only findings are
+/// objects nothing refers to.
+const VERIFY_DAMAGE: u8 = 5;
+const VERIFY_UNREFERENCED: u8 = 1;
+
+/// Verifies the repository (`walcore verify`); returns the exit code.
+pub fn verify(global: Global, args: VerifyArgs) -> u8 {
+    let (flags, json) = flags(global);
+    let found = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let status = found.clone();
+    let options = lifecycle::verify::VerifyOptions {
+        full: args.full,
+        backup: args.backup,
+        progress: !args.no_progress && !json && std::io::stderr().is_terminal(),
+    };
+    let code = walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let report = lifecycle::verify::verify(&repo, &options).await?;
+        if json {
+            print_json(&report)?;
+        } else {
+            print!("{report}");
+        }
+        let code = if report.has_damage() {
+            VERIFY_DAMAGE
+        } else if report.problems.is_empty() {
+            0
+        } else {
+            VERIFY_UNREFERENCED
+        };
+        status.store(code, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    });
+    if code == 0 {
+        found.load(std::sync::atomic::Ordering::SeqCst)
+    } else {
+        code
+    }
+}
+
+/// Rebuilds the repository index from the objects alone (`walcore reindex`); returns the exit
+/// code.
+pub fn reindex(global: Global) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let done = lifecycle::index::reindex(&repo).await?;
+        if json {
+            print_json(&done)
+        } else {
+            println!(
+                "indexed {} backups, {} tombstones and {} pin states in {}; {} older index object(s) removed{}",
+                done.records,
+                done.tombstones,
+                done.pins,
+                done.key.as_deref().unwrap_or("-"),
+                done.removed,
+                if done.unreadable > 0 {
+                    format!(
+                        "; {} unreadable catalog record(s) left out (walcore verify names them)",
+                        done.unreadable
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+    })
+}
+
 /// Pins backup `id` (`walcore pin`); returns the exit code.
 pub fn pin(global: Global, id: String, note: Option<String>) -> u8 {
     let (flags, json) = flags(global);

@@ -46,6 +46,15 @@ enum Operator {
     /// and no second of the restorable window needs, and the leftovers of takes that never
     /// finished. Prints the plan first; --dry-run prints only the plan.
     Expire(commands::ExpireArgs),
+    /// Verify the repository without restoring: every object decodes and is what refers to
+    /// it says, every backup has its WAL, and the restorable window has no gap. Objects an
+    /// earlier run verified are not read again (--full reads them). Exits 0 when nothing is
+    /// wrong, 5 when a restore is affected, 1 when only unreferenced objects were found.
+    Verify(commands::VerifyArgs),
+    /// Rebuild the repository index (a cache of the catalog and the pins that keeps list,
+    /// show, restore and expire fast) from the objects alone. Never needed for a right answer:
+    /// a stale or missing index only costs reads.
+    Reindex,
 }
 
 fn main() -> ExitCode {
@@ -55,5 +64,7 @@ fn main() -> ExitCode {
         Operator::Pin { id, note } => commands::pin(args.global, id, note),
         Operator::Unpin { id } => commands::unpin(args.global, id),
         Operator::Expire(expire) => commands::expire(args.global, expire),
+        Operator::Verify(verify) => commands::verify(args.global, verify),
+        Operator::Reindex => commands::reindex(args.global),
     })
 }
