@@ -272,3 +272,53 @@ fn foreign_segment(name: &str, codec: &Codec) -> Vec<u8> {
     c.stop();
     bytes
 }
+
+/// The index is written create-only under a new name, so a `walcore` killed while it writes
+/// one (SIGKILL, at any moment) leaves the old index or the new one: `list` keeps giving the
+/// backups the catalog holds, and a garbled index object changes nothing either.
+#[test]
+fn an_index_write_killed_at_any_moment_leaves_list_right() {
+    let repo = Repo::file();
+    let env = repo.env(&Codec::encrypted(KEY_1));
+    let mut src = Cluster::new();
+    src.archive_with_walcore();
+    src.set_env(&env);
+    src.start();
+    let mut tool = Tool::new(&src, env.clone());
+    tool.program = src.install(bins::WALCORE);
+    let mut ids: Vec<String> = (0..3).map(|_| tool.take(&src, &[])).collect();
+    ids.sort();
+    src.stop();
+    assert_eq!(tool.list(), ids);
+    // Index objects, not the temporary files killed writers leave beside them on a file
+    // system (readers never look at those).
+    let index_objects = || {
+        repo.keys()
+            .into_iter()
+            .filter(|k| k.starts_with("index/") && !k.contains("/.tmp."))
+            .count()
+    };
+    assert_eq!(index_objects(), 1, "list wrote the index");
+    for round in 0..20u64 {
+        let mut child = tool.command(&["reindex"]).spawn().expect("spawn reindex");
+        std::thread::sleep(Duration::from_millis(round * 3 % 40));
+        // SIGKILL: no chance to clean up.
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tool.list(), ids, "after a reindex killed at round {round}");
+    }
+    // A garbled newest index object is ignored (and replaced).
+    let newest = repo
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("index/") && !k.contains("/.tmp."))
+        .max()
+        .expect("an index");
+    let bytes = repo.read(&newest).expect("index");
+    repo.tamper(&newest, &flip_byte(&bytes, bytes.len() / 2));
+    assert_eq!(tool.list(), ids);
+    let out = tool.ok(&["reindex"]);
+    assert!(out.contains("indexed 3 backups"), "{out}");
+    assert_eq!(index_objects(), 1, "reindex leaves one index");
+    assert_eq!(tool.list(), ids);
+}
