@@ -96,6 +96,21 @@ EOF
   esac
 }
 
+# measure ARGS...: runs `walcore ARGS...` (stdout to report.json) and sets wall, rss_kib, cpu
+# and, on S3, requests.
+measure() {
+  local from=0
+  [ "$store" = s3 ] && from=$(wc -l <"$work/moto.log")
+  /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin/walcore" "$@" >"$work/report.json"
+  read -r wall rss_kib cpu_user cpu_sys <"$work/time"
+  cpu=$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN { printf "%.2f", u + s }')
+  requests=n/a
+  if [ "$store" = s3 ]; then
+    sleep 0.5 # the log line of the last request
+    requests=$(count_requests "$work/moto.log" "$from")
+  fi
+}
+
 rows=()
 for store in $stores; do
   case $store in
@@ -122,15 +137,23 @@ for store in $stores; do
   "$bin/expire_repo" --wal "$wal" --backups "$backups" >&2
   before=$(objects "$store")
 
+  # `list` before any index exists (every catalog record read, the index written), then again
+  # (the catalog listed, the index read): what the index saves every command that reads the
+  # catalog (list, show, restore plans, expire, verify).
+  for mode in cold indexed; do
+    measure list --json
+    listed=$(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))))' "$work/report.json")
+    [ "$listed" -eq "$backups" ] || { echo "FAILED: list showed $listed of $backups backups" >&2; exit 1; }
+    echo "== $store list ($mode): ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
+    rows+=("| $store | list ($mode) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
+  done
+  before=$(objects "$store")
+
   for mode in dry-run expire; do
     args=(expire --keep-last "$keep" --json)
     [ "$mode" = dry-run ] && args+=(--dry-run)
-    from=0
-    [ "$store" = s3 ] && from=$(wc -l <"$work/moto.log")
-    /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin/walcore" "${args[@]}" >"$work/report.json"
-    read -r wall rss_kib cpu_user cpu_sys <"$work/time"
-    cpu=$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN { printf "%.2f", u + s }')
-    requests=n/a budget=n/a
+    measure "${args[@]}"
+    budget=n/a
     deleted=$(python3 -c '
 import json, sys
 d = json.load(open(sys.argv[1]))["deleted"]
@@ -141,8 +164,6 @@ r = json.load(open(sys.argv[1]))
 gone = sum(1 for b in r["plan"]["backups"] if b["verdict"] == "expire")
 print(gone, r["wal"]["delete"])' "$work/report.json")
     if [ "$store" = s3 ]; then
-      sleep 0.5 # the log line of the last request
-      requests=$(count_requests "$work/moto.log" "$from")
       pages=$(sed -n 's/.*LIST=\([0-9]*\).*/\1/p' <<<"$requests")
       budget=$((deleted / 1000 + ${pages:-0} + 2 * backups))
     fi
