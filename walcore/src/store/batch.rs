@@ -40,7 +40,7 @@ impl Store {
                         }
                     }
                     for dir in dirs {
-                        super::local::fsync_dir(&dir).map_err(|e| {
+                        super::local::fsync_dir_after_removal(&dir).map_err(|e| {
                             StoreError::Permanent(format!("syncing {}: {e}", dir.display()))
                         })?;
                     }

@@ -167,9 +167,7 @@ impl LocalStore {
             Err(e) => return Err(io_error(e)),
         }
         if let Some(dir) = path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error)?;
+            fsync_dir_after_removal(dir).map_err(io_error)?;
         }
         Ok(())
     }
@@ -344,9 +342,34 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Makes the removal of an entry of `dir` durable. A directory that is gone already (another
+/// process removed it once it was empty, and synced its parent) holds the removal too: that is
+/// success, not an error. Two `expire` runs at once delete the same backup's objects and prune
+/// its directory; the second must not fail on the first's pruning.
+pub(crate) fn fsync_dir_after_removal(dir: &Path) -> io::Result<()> {
+    match fsync_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_removal_in_a_directory_pruned_meanwhile_is_durable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let gone = dir.path().join("backup/20260101T000000Z-0001");
+        assert!(
+            fsync_dir(&gone).is_err(),
+            "the plain sync fails on a missing directory"
+        );
+        fsync_dir_after_removal(&gone).expect("a pruned directory holds the removal");
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").expect("write");
+        fsync_dir_after_removal(&file.join("x")).expect_err("other errors stay errors");
+    }
 
     thread_local! {
         /// Directories `fsync_dir` synced on this thread (tests run one per thread).
