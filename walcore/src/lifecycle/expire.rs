@@ -3,7 +3,9 @@
 //! moment.
 //!
 //! # What is read, in this order
-//! 1. Every WAL key with its size (one paged listing of `wal/`) and the timeline histories.
+//! 1. Every WAL key with its size and the timeline histories, through the index
+//!    (`index::wal_objects`: the log directories are listed, and only the new ones and the two
+//!    newest of each timeline are read again).
 //! 2. Every object under `backup/` (one paged listing): the objects of each backup, and those
 //!    of takes that have no catalog record: running takes (a heartbeat or other write within
 //!    the orphan grace) and leftovers.
@@ -215,7 +217,8 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
     let seg_size = meta.segment_size()?;
 
     // 1. WAL, then 2. the backups' prefixes, then 3. the catalog (see the module docs).
-    let wal = listing(repo, "wal/", |s| s.list_info("wal/")).await?;
+    // Through the index: the directories it holds are not listed again, but for the newest.
+    let wal = super::index::wal_objects(repo).await?;
     let histories = read_histories(repo, wal.iter().map(|o| o.key.as_str())).await?;
     let mut prefixes = backup_prefixes(repo).await?;
     let catalog = catalog::scan(repo).await?;
@@ -384,6 +387,7 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
 
     // 4. WAL, last.
     delete(repo, "expired WAL", &sweep.delete).await?;
+    super::index::forget_wal(repo, &sweep.delete).await;
     report.deleted.wal_objects = sweep.delete.len();
     report.deleted.bytes += report.wal.delete_bytes;
     Ok(report)

@@ -43,6 +43,82 @@ pub struct Index {
     /// Pin states by backup ID, each with the name of the newest event it was read from.
     #[serde(default)]
     pub pins: BTreeMap<String, CachedPin>,
+    /// The WAL directories `wal/TTTTTTTT/LLLLLLLL/`, by timeline then log directory, each as
+    /// its last listing showed it.
+    #[serde(default)]
+    pub wal: BTreeMap<String, BTreeMap<String, WalDir>>,
+}
+
+/// What one WAL directory `wal/T/L/` held when it was last listed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WalDir {
+    /// The segments, as inclusive runs of the last eight hexadecimal digits of their names.
+    pub segments: Vec<(u32, u32)>,
+    /// The stored size of each segment, in the order of `segments`.
+    pub sizes: Vec<u64>,
+    /// Every other object of the directory (`.partial`, `.backup`, anything else): name, size.
+    pub others: Vec<(String, u64)>,
+}
+
+/// A WAL object as the index knows it: its key and stored size.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WalObject {
+    pub key: String,
+    pub size: u64,
+}
+
+impl WalDir {
+    /// Summarises the listing of `wal/tli/log/`.
+    fn from_listing<'a>(
+        tli: &str,
+        log: &str,
+        objects: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> WalDir {
+        let mut dir = WalDir::default();
+        for (key, size) in objects {
+            let name = key.rsplit('/').next().unwrap_or(key);
+            let seg = (name.len() == 24
+                && name.starts_with(tli)
+                && name[8..16] == *log
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c)))
+            .then(|| u32::from_str_radix(&name[16..], 16).ok())
+            .flatten();
+            match seg {
+                Some(s) => {
+                    match dir.segments.last_mut() {
+                        Some(run) if run.1.checked_add(1) == Some(s) => run.1 = s,
+                        _ => dir.segments.push((s, s)),
+                    }
+                    dir.sizes.push(size);
+                }
+                None => dir.others.push((name.to_owned(), size)),
+            }
+        }
+        dir
+    }
+
+    /// The directory's objects, sorted by key.
+    fn objects(&self, tli: &str, log: &str, out: &mut Vec<WalObject>) {
+        let mut sizes = self.sizes.iter();
+        let start = out.len();
+        for &(lo, hi) in &self.segments {
+            for s in lo..=hi {
+                out.push(WalObject {
+                    key: format!("wal/{tli}/{log}/{tli}{log}{s:08X}"),
+                    size: sizes.next().copied().unwrap_or(0),
+                });
+            }
+        }
+        for (name, size) in &self.others {
+            out.push(WalObject {
+                key: format!("wal/{tli}/{log}/{name}"),
+                size: *size,
+            });
+        }
+        out[start..].sort();
+    }
 }
 
 /// A catalog record or tombstone as the index keeps it.
@@ -289,6 +365,174 @@ pub async fn pin_states(repo: &Repository) -> Result<BTreeMap<String, PinState>,
     Ok(out)
 }
 
+/// Every WAL object, through the index: the timelines and their log directories are listed
+/// (a request per thousand directories), and only the directories the index does not hold,
+/// and the two newest of each timeline (where archiving writes, in any order), are listed
+/// again; `wal/history/` is listed in full. Directories that are gone are dropped. Changes the
+/// index cannot see are those inside older directories made behind walcore's back (walcore's
+/// own deletions update it; `verify` and `reindex` list everything and re-anchor it).
+pub async fn wal_objects(repo: &Repository) -> Result<Vec<WalObject>, Error> {
+    let (mut index, keys) = read_newest(repo).await?;
+    let changed = refresh_wal(repo, &mut index).await?;
+    let mut out = Vec::new();
+    for (tli, dirs) in &index.wal {
+        for (log, dir) in dirs {
+            dir.objects(tli, log, &mut out);
+        }
+    }
+    let history =
+        crate::backup::plan::listing(repo, "wal/history/", |s| s.list_dir("wal/history/")).await?;
+    out.extend(history.into_iter().map(|o| WalObject {
+        key: o.key,
+        size: o.size,
+    }));
+    out.sort();
+    if changed {
+        write(repo, index, &keys).await;
+    }
+    Ok(out)
+}
+
+/// Timeline directory names: eight upper-case hexadecimal digits.
+fn is_hex8(name: &str) -> bool {
+    name.len() == 8
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c))
+}
+
+/// Brings the index's WAL part up to the store; whether anything changed.
+async fn refresh_wal(repo: &Repository, index: &mut Index) -> Result<bool, Error> {
+    use crate::backup::plan::listing;
+    let timelines = listing(repo, "wal/", |s| s.child_dirs("wal/")).await?;
+    let timelines: Vec<String> = timelines.into_iter().filter(|t| is_hex8(t)).collect();
+    let mut changed = false;
+    let before = index.wal.len();
+    index.wal.retain(|t, _| timelines.contains(t));
+    changed |= index.wal.len() != before;
+    for tli in timelines {
+        let prefix = format!("wal/{tli}/");
+        let logs = listing(repo, &prefix, |s| s.child_dirs(&prefix)).await?;
+        let logs: Vec<String> = logs.into_iter().filter(|l| is_hex8(l)).collect();
+        let known = index.wal.entry(tli.clone()).or_default();
+        let before = known.len();
+        known.retain(|l, _| logs.contains(l));
+        changed |= known.len() != before;
+        let newest: Vec<&String> = logs.iter().rev().take(2).collect();
+        let stale: Vec<String> = logs
+            .iter()
+            .filter(|l| !known.contains_key(*l) || newest.contains(l))
+            .cloned()
+            .collect();
+        let listed = futures::stream::iter(stale)
+            .map(|log| {
+                let prefix = format!("wal/{tli}/{log}/");
+                async move {
+                    let objects = listing(repo, &prefix, |s| s.list_dir(&prefix)).await?;
+                    Ok::<_, Error>((log, objects))
+                }
+            })
+            .buffered(READS_IN_FLIGHT)
+            .collect::<Vec<_>>()
+            .await;
+        for result in listed {
+            let (log, objects) = result?;
+            let dir =
+                WalDir::from_listing(&tli, &log, objects.iter().map(|o| (o.key.as_str(), o.size)));
+            if known.get(&log) != Some(&dir) {
+                changed = true;
+                known.insert(log, dir);
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Replaces the index's WAL part with what a full listing of `wal/` showed (`verify` lists
+/// everything anyway): changes made behind walcore's back in older directories, which the
+/// index cannot see by itself, are in it from then on. Best effort.
+pub async fn anchor_wal(repo: &Repository, listed: &[ObjectInfo]) {
+    let Ok((mut index, keys)) = read_newest(repo).await else {
+        return;
+    };
+    let mut groups: BTreeMap<(&str, &str), Vec<&ObjectInfo>> = BTreeMap::new();
+    for o in listed {
+        let mut parts = o.key.split('/');
+        if let (Some("wal"), Some(tli), Some(log), Some(_), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) && is_hex8(tli)
+            && is_hex8(log)
+        {
+            groups.entry((tli, log)).or_default().push(o);
+        }
+    }
+    let mut wal: BTreeMap<String, BTreeMap<String, WalDir>> = BTreeMap::new();
+    for ((tli, log), objects) in groups {
+        wal.entry(tli.to_owned()).or_default().insert(
+            log.to_owned(),
+            WalDir::from_listing(tli, log, objects.iter().map(|o| (o.key.as_str(), o.size))),
+        );
+    }
+    if wal != index.wal {
+        index.wal = wal;
+        write(repo, index, &keys).await;
+    }
+}
+
+/// Removes `deleted` WAL keys from the index after walcore deleted them (expire), so the
+/// index never shows what walcore itself removed. Best effort, like every index write.
+pub async fn forget_wal(repo: &Repository, deleted: &[String]) {
+    if deleted.is_empty() {
+        return;
+    }
+    let Ok((mut index, keys)) = read_newest(repo).await else {
+        return;
+    };
+    let mut by_dir: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
+    for key in deleted {
+        let mut parts = key.split('/');
+        if let (Some("wal"), Some(tli), Some(log), Some(name), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            by_dir.entry((tli, log)).or_default().push(name);
+        }
+    }
+    let mut changed = false;
+    for ((tli, log), names) in by_dir {
+        let Some(dirs) = index.wal.get_mut(tli) else {
+            continue;
+        };
+        let Some(dir) = dirs.get(log) else {
+            continue;
+        };
+        let mut objects = Vec::new();
+        dir.objects(tli, log, &mut objects);
+        let gone: std::collections::BTreeSet<&str> = names.into_iter().collect();
+        let left: Vec<&WalObject> = objects
+            .iter()
+            .filter(|o| !gone.contains(o.key.rsplit('/').next().unwrap_or("")))
+            .collect();
+        changed = true;
+        if left.is_empty() {
+            dirs.remove(log);
+        } else {
+            let dir = WalDir::from_listing(tli, log, left.iter().map(|o| (o.key.as_str(), o.size)));
+            dirs.insert(log.to_owned(), dir);
+        }
+    }
+    if changed {
+        write(repo, index, &keys).await;
+    }
+}
+
 /// What `walcore reindex` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reindexed {
@@ -297,6 +541,7 @@ pub struct Reindexed {
     pub tombstones: usize,
     pub unreadable: usize,
     pub pins: usize,
+    pub wal_dirs: usize,
     pub removed: usize,
 }
 
@@ -313,6 +558,8 @@ pub async fn reindex(repo: &Repository) -> Result<Reindexed, Error> {
         index.pins.insert(id, CachedPin { event, state });
     }
     let pins = index.pins.len();
+    refresh_wal(repo, &mut index).await?;
+    let wal_dirs = index.wal.values().map(BTreeMap::len).sum();
     let key = write(repo, index, &old).await;
     if key.is_none() {
         return Err(Error::new(
@@ -329,6 +576,7 @@ pub async fn reindex(repo: &Repository) -> Result<Reindexed, Error> {
         tombstones: listing.tombstones.len(),
         unreadable: listing.unreadable.len(),
         pins,
+        wal_dirs,
         removed: old.len(),
     })
 }

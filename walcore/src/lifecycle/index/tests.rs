@@ -191,3 +191,136 @@ async fn reindex_replaces_every_older_index() {
     let keys = index_keys(&repo).await.expect("keys");
     assert_eq!(keys, vec![done.key.expect("a key")]);
 }
+
+#[derive(Debug, Clone)]
+enum WalOp {
+    /// A segment `back` behind the newest of timeline `tli` (look-ahead archiving stores
+    /// segments a little out of order), or a new newest one when `back` is 0.
+    Push {
+        tli: u32,
+        back: u64,
+        size: u64,
+    },
+    /// The next segment after a jump of `ahead` (new log directories).
+    Jump {
+        tli: u32,
+        ahead: u64,
+    },
+    /// A `.partial` or a `.backup` beside the newest segment.
+    Beside {
+        tli: u32,
+        backup: bool,
+    },
+    /// `expire` deleting the oldest `n` objects of a timeline.
+    Expire {
+        tli: u32,
+        n: usize,
+    },
+    DeleteIndex,
+}
+
+fn wal_op() -> impl Strategy<Value = WalOp> {
+    prop_oneof![
+        6 => (1..=2u32, prop_oneof![3 => Just(0u64), 1 => 1..48u64], 1..5000u64)
+            .prop_map(|(tli, back, size)| WalOp::Push { tli, back, size }),
+        1 => (1..=2u32, 1..700u64).prop_map(|(tli, ahead)| WalOp::Jump { tli, ahead }),
+        1 => (1..=2u32, any::<bool>()).prop_map(|(tli, backup)| WalOp::Beside { tli, backup }),
+        1 => (1..=2u32, 1..40usize).prop_map(|(tli, n)| WalOp::Expire { tli, n }),
+        1 => Just(WalOp::DeleteIndex),
+    ]
+}
+
+fn seg_name(tli: u32, segno: u64) -> crate::pg::WalFileName {
+    crate::pg::WalFileName::segment(
+        crate::pg::TimelineId(tli),
+        crate::pg::SegmentNo(segno),
+        WalSegmentSize::new(16 << 20).expect("size"),
+    )
+}
+
+async fn apply_wal(repo: &Repository, op: &WalOp, heads: &mut [u64; 3]) {
+    let put = |key: String, size: u64| async move {
+        repo.put_small(&key, vec![7u8; size as usize])
+            .await
+            .expect("put");
+    };
+    match op {
+        WalOp::Push { tli, back, size } => {
+            let head = &mut heads[*tli as usize];
+            let segno = if *back == 0 {
+                *head += 1;
+                *head
+            } else {
+                head.saturating_sub(*back)
+            };
+            put(crate::store::wal_key(&seg_name(*tli, segno)), *size).await;
+        }
+        WalOp::Jump { tli, ahead } => {
+            let head = &mut heads[*tli as usize];
+            *head += ahead;
+            put(crate::store::wal_key(&seg_name(*tli, *head)), 10).await;
+        }
+        WalOp::Beside { tli, backup } => {
+            let name = seg_name(*tli, heads[*tli as usize]).to_string();
+            let name = if *backup {
+                format!("{name}.00000028.backup")
+            } else {
+                format!("{name}.partial")
+            };
+            let name = crate::pg::WalFileName::parse(&name).expect("name");
+            put(crate::store::wal_key(&name), 3).await;
+        }
+        WalOp::Expire { tli, n } => {
+            let prefix = format!("wal/{tli:08X}/");
+            let keys: Vec<String> = repo
+                .store()
+                .list(&prefix)
+                .await
+                .expect("list")
+                .into_iter()
+                .take(*n)
+                .collect();
+            repo.store().delete_many(&keys).await.expect("delete");
+            forget_wal(repo, &keys).await;
+        }
+        WalOp::DeleteIndex => {
+            for key in index_keys(repo).await.expect("index keys") {
+                repo.store().delete(&key).await.expect("delete index");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The WAL through the index is the WAL a full listing shows, after pushes in look-ahead
+    /// order, jumps to new directories, `.partial` and `.backup` files, expiries and lost
+    /// index objects.
+    #[test]
+    fn wal_through_the_index_equals_a_full_listing(ops in prop::collection::vec(wal_op(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("dir");
+            let repo = repository(dir.path()).await;
+            repo.put_small("wal/history/00000002.history", b"1\t0/5000000\tx\n".to_vec())
+                .await
+                .expect("history");
+            let mut heads = [0u64, 100, 100];
+            for op in &ops {
+                apply_wal(&repo, op, &mut heads).await;
+                let listed: Vec<WalObject> = repo
+                    .store()
+                    .list_info("wal/")
+                    .await
+                    .expect("list")
+                    .into_iter()
+                    .map(|o| WalObject { key: o.key, size: o.size })
+                    .collect();
+                let indexed = wal_objects(&repo).await.expect("wal_objects");
+                prop_assert_eq!(&indexed, &listed, "after {:?}", op);
+            }
+            Ok::<(), TestCaseError>(())
+        })?;
+    }
+}
