@@ -195,13 +195,34 @@ struct Ledger {
 #[derive(Debug, Default)]
 struct Verified {
     through: Option<SystemTime>,
+    /// Keys that are not WAL segments.
     keys: BTreeSet<String>,
+    /// WAL segments: timeline and the 64-bit number of the name (a million segments stay
+    /// small).
+    segments: std::collections::HashSet<(u32, u64)>,
 }
 
 impl Verified {
     fn covers(&self, object: &ObjectInfo) -> bool {
-        self.through.is_some_and(|t| object.modified <= t) && self.keys.contains(&object.key)
+        self.through.is_some_and(|t| object.modified <= t)
+            && match segment_number(&object.key) {
+                Some(s) => self.segments.contains(&s),
+                None => self.keys.contains(&object.key),
+            }
     }
+}
+
+/// The timeline and 64-bit name number of a WAL segment key of this layout.
+fn segment_number(key: &str) -> Option<(u32, u64)> {
+    let n = key
+        .rsplit('/')
+        .next()
+        .and_then(|n| WalFileName::parse(n).ok())
+        .filter(|n| n.is_segment() && wal_key(n) == key)?;
+    Some((
+        n.timeline().0,
+        u64::from(n.log_id()) << 32 | u64::from(n.seg_id()),
+    ))
 }
 
 /// The stored object kinds verify reads.
@@ -269,11 +290,11 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     }
 
     // The WAL as stored, by name.
-    let mut wal_names: BTreeMap<String, (WalFileName, &ObjectInfo)> = BTreeMap::new();
+    let mut wal_names: BTreeMap<&str, (WalFileName, &ObjectInfo)> = BTreeMap::new();
     for o in &wal {
         match parse_wal_key(&o.key) {
             Some(name) => {
-                wal_names.insert(o.key.clone(), (name, o));
+                wal_names.insert(o.key.as_str(), (name, o));
             }
             None if options.backup.is_none() => problems.push(Problem {
                 key: o.key.clone(),
@@ -307,7 +328,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     };
 
     // What to read: WAL (all of it, or the backup's range), and the backups' objects.
-    let mut subjects: Vec<(ObjectInfo, Subject)> = Vec::new();
+    let mut subjects: Vec<(&ObjectInfo, Subject)> = Vec::new();
     let needed_by_backup: Vec<(&BackupRecord, Vec<Vec<WalFileName>>)> = records
         .iter()
         .map(|r| {
@@ -324,8 +345,8 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             .collect()
     });
     for (key, (name, info)) in &wal_names {
-        if wanted_wal.as_ref().is_none_or(|w| w.contains(key)) {
-            subjects.push(((*info).clone(), Subject::Wal(name.clone())));
+        if wanted_wal.as_ref().is_none_or(|w| w.contains(*key)) {
+            subjects.push((*info, Subject::Wal(name.clone())));
         }
     }
     let stored_backup: BTreeMap<&str, &ObjectInfo> =
@@ -333,10 +354,9 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     for r in &records {
         for entry in &r.objects {
             match stored_backup.get(entry.key.as_str()) {
-                Some(info) => subjects.push((
-                    (*info).clone(),
-                    Subject::Backup(r.id.clone(), entry.clone()),
-                )),
+                Some(info) => {
+                    subjects.push((*info, Subject::Backup(r.id.clone(), entry.clone())));
+                }
                 None => problems.push(Problem {
                     key: entry.key.clone(),
                     kind: ProblemKind::Missing,
@@ -374,7 +394,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         .map(|(info, subject)| {
             let meter = meter.clone();
             let expect = expect.clone();
-            async move { read_one(repo, info, subject, &expect, &meter).await }
+            async move { read_one(repo, info.clone(), subject, &expect, &meter).await }
         })
         .buffer_unordered(READS_IN_FLIGHT);
     let mut bad_wal: BTreeSet<String> = BTreeSet::new();
@@ -409,7 +429,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     // Continuity: what each backup needs, and the window.
     let present = |name: &WalFileName| {
         let key = wal_key(name);
-        wal_names.contains_key(&key) && !bad_wal.contains(&key)
+        wal_names.contains_key(key.as_str()) && !bad_wal.contains(&key)
     };
     let mut consequences: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (r, segments) in &needed_by_backup {
@@ -457,10 +477,20 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     problems.extend(missing_wal(consequences));
     problems.sort_by(|a, b| a.key.cmp(&b.key).then(a.kind.cmp(&b.kind)));
 
+    if options.backup.is_none() {
+        super::index::anchor_wal(repo, &wal).await;
+    }
+
     // Catalog records were decoded by the scan: they count as verified.
-    let mut verified: BTreeSet<String> = already.into_iter().map(|(i, _)| i.key).collect();
-    verified.extend(verified_now);
-    verified.extend(cat.records.iter().map(|r| catalog::catalog_key(&r.id)));
+    let record_keys: Vec<String> = cat
+        .records
+        .iter()
+        .map(|r| catalog::catalog_key(&r.id))
+        .collect();
+    let mut verified: Vec<&str> = already.iter().map(|(i, _)| i.key.as_str()).collect();
+    verified.extend(verified_now.iter().map(String::as_str));
+    verified.extend(record_keys.iter().map(String::as_str));
+    verified.sort_unstable();
     let objects_already_verified = objects_listed - objects_read - cat.records.len();
     let through = wal.iter().chain(&backups).map(|o| o.modified).max();
     let ledger_key = if objects_read > 0 || options.full {
@@ -727,7 +757,7 @@ struct Gap {
 fn window_pass(
     records: &[BackupRecord],
     histories: &BTreeMap<TimelineId, TimelineHistory>,
-    wal: &BTreeMap<String, (WalFileName, &ObjectInfo)>,
+    wal: &BTreeMap<&str, (WalFileName, &ObjectInfo)>,
     present: &dyn Fn(&WalFileName) -> bool,
     seg: WalSegmentSize,
 ) -> Option<(WindowReport, Vec<Gap>)> {
@@ -770,9 +800,7 @@ fn window_pass(
         let before = SegmentNo(*lo).start_lsn(seg);
         let after = SegmentNo(hi + 1).start_lsn(seg);
         let t1 = wal
-            .get(&wal_key(
-                &serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0],
-            ))
+            .get(wal_key(&serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0]).as_str())
             .map(|(_, o)| catalog::format_time(o.modified));
         let from = on_path
             .iter()
@@ -977,20 +1005,21 @@ async fn read_ledger(repo: &Repository) -> Result<Verified, Error> {
     let Ok(through) = chrono::DateTime::parse_from_rfc3339(&ledger.listed_through) else {
         return Ok(Verified::default());
     };
-    let mut keys: BTreeSet<String> = ledger.keys.into_iter().collect();
+    let keys: BTreeSet<String> = ledger.keys.into_iter().collect();
+    let mut segments = std::collections::HashSet::new();
     for (tli, runs) in ledger.segments {
         let Ok(tli) = u32::from_str_radix(&tli, 16) else {
             continue;
         };
         for (lo, hi) in runs {
-            for s in lo..=hi.min(lo.saturating_add(1 << 24)) {
-                keys.insert(segment_key_raw(tli, s));
-            }
+            // A run longer than any archive is not believed.
+            segments.extend((lo..=hi.min(lo.saturating_add(1 << 28))).map(|s| (tli, s)));
         }
     }
     Ok(Verified {
         through: Some(SystemTime::from(through)),
         keys,
+        segments,
     })
 }
 
@@ -1000,19 +1029,11 @@ fn is_ledger_key(key: &str) -> bool {
         .is_some_and(|n| n.len() == 29 && n.as_bytes()[8] == b'T')
 }
 
-/// The key of segment number `s` (counted in the ledger's own unit: the 64-bit name number
-/// `log << 32 | seg`) on timeline `tli`.
-fn segment_key_raw(tli: u32, s: u64) -> String {
-    let log = s >> 32;
-    let low = s & 0xFFFF_FFFF;
-    format!("wal/{tli:08X}/{log:08X}/{tli:08X}{log:08X}{low:08X}")
-}
-
 /// Writes the ledger of everything verified so far; the older ledgers go. Best effort: a
 /// ledger that cannot be written costs the next run its reads, nothing else.
 async fn write_ledger(
     repo: &Repository,
-    verified: &BTreeSet<String>,
+    verified: &[&str],
     through: Option<SystemTime>,
 ) -> Option<String> {
     let through = through?;
@@ -1026,21 +1047,15 @@ async fn write_ledger(
     };
     let mut runs: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
     for key in verified {
-        match key
-            .rsplit('/')
-            .next()
-            .and_then(|n| WalFileName::parse(n).ok())
-            .filter(|n| n.is_segment() && wal_key(n) == *key)
-        {
-            Some(n) => {
-                let s = u64::from(n.log_id()) << 32 | u64::from(n.seg_id());
-                let list = runs.entry(n.timeline().0).or_default();
+        match segment_number(key) {
+            Some((tli, s)) => {
+                let list = runs.entry(tli).or_default();
                 match list.last_mut() {
                     Some(last) if last.1 + 1 == s => last.1 = s,
                     _ => list.push((s, s)),
                 }
             }
-            None => ledger.keys.push(key.clone()),
+            None => ledger.keys.push((*key).to_owned()),
         }
     }
     ledger.segments = runs
