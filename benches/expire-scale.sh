@@ -101,7 +101,8 @@ EOF
 measure() {
   local from=0
   [ "$store" = s3 ] && from=$(wc -l <"$work/moto.log")
-  /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin/walcore" "$@" >"$work/report.json"
+  status=0
+  /usr/bin/time -f '%e %M %U %S' -o "$work/time" "$bin/walcore" "$@" >"$work/report.json" || status=$?
   read -r wall rss_kib cpu_user cpu_sys <"$work/time"
   cpu=$(awk -v u="$cpu_user" -v s="$cpu_sys" 'BEGIN { printf "%.2f", u + s }')
   requests=n/a
@@ -134,7 +135,7 @@ for store in $stores; do
     *) echo "unknown store '$store' (file or s3)" >&2; exit 2 ;;
   esac
   echo "== $store: building $wal WAL objects and $backups backups" >&2
-  "$bin/expire_repo" --wal "$wal" --backups "$backups" >&2
+  "$bin/expire_repo" --wal "$wal" --backups "$backups" --verified >&2
   before=$(objects "$store")
 
   # `list` before any index exists (every catalog record read, the index written), then again
@@ -147,6 +148,21 @@ for store in $stores; do
     echo "== $store list ($mode): ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
     rows+=("| $store | list ($mode) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
   done
+  # A restore's plan (the catalog, the histories, the end of the archive) and verify's
+  # listing and continuity pass (the builder's ledger says every object was verified, as after
+  # a first run, so nothing is read).
+  measure restore --dry-run --json -D "$work/restored"
+  [ "$status" = 0 ] || { echo "FAILED: restore --dry-run exited $status" >&2; exit 1; }
+  echo "== $store restore plan: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
+  rows+=("| $store | restore --dry-run | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
+  measure verify --json
+  read -r vread vproblems < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["objects_read"], len(r["problems"]))' "$work/report.json")
+  [ "$status" = 0 ] && [ "$vproblems" = 0 ] || { echo "FAILED: verify exited $status with $vproblems problems" >&2; exit 1; }
+  echo "== $store verify: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, read $vread objects, requests $requests" >&2
+  rows+=("| $store | verify (continuity; $vread read) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
   before=$(objects "$store")
 
   for mode in dry-run expire; do

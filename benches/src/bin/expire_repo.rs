@@ -42,6 +42,11 @@ struct Args {
     /// Writes in flight at once.
     #[arg(long, default_value_t = 64)]
     parallel: usize,
+    /// Also write a verify ledger (docs/FORMAT.md §6.4) that says every object was verified,
+    /// as a first `walcore verify` would: `verify` then times its listing and continuity pass
+    /// (the objects here are a few bytes, not segments, and would not pass its reads).
+    #[arg(long)]
+    verified: bool,
 }
 
 /// Where one backup starts and stops in the synthetic WAL.
@@ -193,12 +198,15 @@ async fn build(args: &Args) -> Result<(), Error> {
         .iter()
         .flat_map(|r| r.objects.iter().map(|o| o.key.clone()))
         .collect();
-    let backup_objects = put_all(&repo, objects, args.parallel).await?;
+    let backup_objects = put_all(&repo, objects.clone(), args.parallel).await?;
     let mut commits = futures::stream::iter(&records)
         .map(|r| catalog::commit(&repo, r))
         .buffer_unordered(args.parallel);
     while let Some(done) = commits.next().await {
         done?;
+    }
+    if args.verified {
+        write_ledger(&repo, &layout, size, &objects).await?;
     }
     println!(
         "built {}: {wal} WAL objects (timeline 1 up to segment {}, then timeline 2) and {} \
@@ -208,6 +216,42 @@ async fn build(args: &Args) -> Result<(), Error> {
         records.len(),
         began.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// A verify ledger covering every WAL segment, the history file and the backups' objects.
+async fn write_ledger(
+    repo: &Repository,
+    layout: &Layout,
+    size: WalSegmentSize,
+    objects: &[String],
+) -> Result<(), Error> {
+    let mut segments: std::collections::BTreeMap<String, Vec<(u64, u64)>> = Default::default();
+    let t1 = (1..=layout.switch).map(|s| (1, s));
+    let t2 = (layout.switch..layout.wal).map(|s| (2, s));
+    for (t, s) in t1.chain(t2) {
+        let name = WalFileName::segment(TimelineId(t), SegmentNo(s), size);
+        let n = u64::from(name.log_id()) << 32 | u64::from(name.seg_id());
+        let runs = segments.entry(format!("{t:08X}")).or_default();
+        match runs.last_mut() {
+            Some(run) if run.1 + 1 == n => run.1 = n,
+            _ => runs.push((n, n)),
+        }
+    }
+    let mut keys: Vec<String> = objects.to_vec();
+    keys.push(wal_key(&WalFileName::history(TimelineId(2))));
+    let now = Utc::now();
+    let ledger = serde_json::json!({
+        "format_version": 1,
+        "listed_through": now.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        "keys": keys,
+        "segments": segments,
+        "time": catalog::format_time(now.into()),
+        "created_by": "walcore bench expire_repo",
+    });
+    let key = format!("verify/{}-00000000", now.format("%Y%m%dT%H%M%S%.3fZ"));
+    repo.put_small(&key, ledger.to_string().into_bytes())
+        .await?;
     Ok(())
 }
 
