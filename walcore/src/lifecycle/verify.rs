@@ -187,14 +187,38 @@ struct Ledger {
     keys: Vec<String>,
     /// WAL segments verified, per timeline (8 hex digits): runs of segment numbers, inclusive.
     segments: BTreeMap<String, Vec<(u64, u64)>>,
+    /// The objects verified whose time is within [`RECENT`] of `listed_through`, with their
+    /// time and entity tag: a store that keeps times to the second cannot tell by time alone
+    /// an object rewritten in the same second as the listing.
+    #[serde(default)]
+    recent: Vec<RecentEntry>,
     time: String,
     created_by: String,
+}
+
+/// A recently written object as verified (see [`Ledger::recent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RecentEntry {
+    key: String,
+    modified: String,
+    #[serde(default)]
+    etag: Option<String>,
+}
+
+/// Objects written this close to the newest of a listing are identified by time and tag, not
+/// by time alone (stores keep times to the second; clocks tick coarsely).
+const RECENT: Duration = Duration::from_secs(2);
+
+fn nanos(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
 /// What the ledger says was verified.
 #[derive(Debug, Default)]
 struct Verified {
     through: Option<SystemTime>,
+    /// Recently written objects: key, time, tag.
+    recent: BTreeMap<String, (String, Option<String>)>,
     /// Keys that are not WAL segments.
     keys: BTreeSet<String>,
     /// WAL segments: timeline and the 64-bit number of the name (a million segments stay
@@ -204,11 +228,24 @@ struct Verified {
 
 impl Verified {
     fn covers(&self, object: &ObjectInfo) -> bool {
-        self.through.is_some_and(|t| object.modified <= t)
-            && match segment_number(&object.key) {
-                Some(s) => self.segments.contains(&s),
-                None => self.keys.contains(&object.key),
-            }
+        let Some(through) = self.through else {
+            return false;
+        };
+        let listed = match segment_number(&object.key) {
+            Some(s) => self.segments.contains(&s),
+            None => self.keys.contains(&object.key),
+        };
+        if !listed {
+            return false;
+        }
+        // Older than the recent edge: verified as it is (a rewrite after that listing would
+        // carry a later time). Recent: only with the same time and tag.
+        if object.modified + RECENT < through {
+            return true;
+        }
+        self.recent
+            .get(&object.key)
+            .is_some_and(|(t, tag)| *t == nanos(object.modified) && *tag == object.etag)
     }
 }
 
@@ -493,8 +530,22 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     verified.sort_unstable();
     let objects_already_verified = objects_listed - objects_read - cat.records.len();
     let through = wal.iter().chain(&backups).map(|o| o.modified).max();
+    let recent: Vec<RecentEntry> = match through {
+        Some(t) => wal
+            .iter()
+            .chain(&backups)
+            .filter(|o| o.modified + RECENT >= t)
+            .filter(|o| verified.binary_search(&o.key.as_str()).is_ok())
+            .map(|o| RecentEntry {
+                key: o.key.clone(),
+                modified: nanos(o.modified),
+                etag: o.etag.clone(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let ledger_key = if objects_read > 0 || options.full {
-        write_ledger(repo, &verified, through).await
+        write_ledger(repo, &verified, recent, through).await
     } else {
         None
     };
@@ -1016,8 +1067,14 @@ async fn read_ledger(repo: &Repository) -> Result<Verified, Error> {
             segments.extend((lo..=hi.min(lo.saturating_add(1 << 28))).map(|s| (tli, s)));
         }
     }
+    let recent = ledger
+        .recent
+        .into_iter()
+        .map(|r| (r.key, (r.modified, r.etag)))
+        .collect();
     Ok(Verified {
         through: Some(SystemTime::from(through)),
+        recent,
         keys,
         segments,
     })
@@ -1034,13 +1091,14 @@ fn is_ledger_key(key: &str) -> bool {
 async fn write_ledger(
     repo: &Repository,
     verified: &[&str],
+    recent: Vec<RecentEntry>,
     through: Option<SystemTime>,
 ) -> Option<String> {
     let through = through?;
     let mut ledger = Ledger {
         format_version: 1,
-        listed_through: chrono::DateTime::<chrono::Utc>::from(through)
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        listed_through: nanos(through),
+        recent,
         time: catalog::format_time(SystemTime::now()),
         created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
         ..Ledger::default()
@@ -1092,4 +1150,83 @@ fn ledger_key(now: SystemTime) -> String {
         t.format("%Y%m%dT%H%M%S%.3fZ"),
         hex::encode(r)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(key: &str, at: SystemTime, etag: &str) -> ObjectInfo {
+        ObjectInfo {
+            key: key.into(),
+            size: 10,
+            modified: at,
+            etag: Some(etag.into()),
+        }
+    }
+
+    /// A store that keeps times to the second: an object rewritten in the second of the
+    /// listing has the time it had, and only its tag tells it apart.
+    #[test]
+    fn an_object_rewritten_in_the_second_of_the_listing_is_read_again() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let old = "wal/00000001/00000000/000000010000000000000001";
+        let new = "wal/00000001/00000000/000000010000000000000009";
+        let mut ledger = Verified {
+            through: Some(t),
+            ..Verified::default()
+        };
+        ledger.segments.insert((1, 1));
+        ledger.segments.insert((1, 9));
+        ledger
+            .recent
+            .insert(new.into(), (nanos(t), Some("\"a\"".into())));
+        let ten_before = t - Duration::from_secs(10);
+        assert!(
+            ledger.covers(&object(old, ten_before, "\"x\"")),
+            "old, unchanged"
+        );
+        assert!(
+            ledger.covers(&object(new, t, "\"a\"")),
+            "recent, same time and tag"
+        );
+        assert!(
+            !ledger.covers(&object(new, t, "\"b\"")),
+            "recent, rewritten: another tag"
+        );
+        assert!(
+            !ledger.covers(&object(old, t, "\"x\"")),
+            "old key, rewritten after the listing: a later time"
+        );
+        let unknown = "wal/00000001/00000000/00000001000000000000000A";
+        assert!(
+            !ledger.covers(&object(unknown, ten_before, "\"x\"")),
+            "never verified"
+        );
+        assert!(!Verified::default().covers(&object(old, ten_before, "\"x\"")));
+    }
+
+    #[test]
+    fn missing_segments_in_a_row_are_one_problem() {
+        let cs = |c: &str| vec![c.to_string()];
+        let mut missing = BTreeMap::new();
+        for s in ["05", "06", "07"] {
+            missing.insert(
+                format!("wal/00000001/00000000/0000000100000000000000{s}"),
+                cs("no point-in-time recovery after T"),
+            );
+        }
+        missing.insert(
+            "wal/00000001/00000000/000000010000000000000009".into(),
+            cs("backup B can no longer be restored"),
+        );
+        let problems = missing_wal(missing);
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert_eq!(problems[0].kind, ProblemKind::Gap);
+        assert_eq!(
+            problems[0].detail,
+            "not stored: 000000010000000000000005..000000010000000000000007"
+        );
+        assert_eq!(problems[1].kind, ProblemKind::Missing);
+    }
 }

@@ -15,6 +15,9 @@ pub struct ObjectInfo {
     pub size: u64,
     /// When the store last wrote it (for a file system: its modification time).
     pub modified: SystemTime,
+    /// The store's entity tag, which changes when the content does (none on a file system,
+    /// whose modification times are fine-grained enough to tell a rewrite).
+    pub etag: Option<String>,
 }
 
 /// One level of the key space under a prefix: the child "directories" and the objects.
@@ -56,6 +59,7 @@ impl Store {
                         key: meta.location.to_string(),
                         size: meta.size,
                         modified: meta.last_modified.into(),
+                        etag: meta.e_tag,
                     });
                 }
                 out
@@ -156,6 +160,7 @@ impl Store {
                             key: m.location.to_string(),
                             size: m.size,
                             modified: m.last_modified.into(),
+                            etag: m.e_tag,
                         })
                         .collect(),
                 }
@@ -187,6 +192,7 @@ fn read_level(root: &std::path::Path, prefix: &str) -> Result<Level, StoreError>
                 key: format!("{prefix}/{name}"),
                 size: meta.len(),
                 modified: meta.modified().map_err(|e| scan_error(&dir, e))?,
+                etag: None,
             });
         }
     }
