@@ -15,6 +15,8 @@
 #             walcore-basebackup take --checkpoint fast                  (zstd:3, AES-256-GCM)
 #             pgbackrest backup --type=full    process-max=2, zst level 3, aes-256-cbc, start-fast
 #   restores  walcore-basebackup restore --pgdata NEW --target-immediate
+#             walcore verify --full   (every object of the repository read and checked, as a
+#                                      restore reads them: its speed against the restore's)
 #             pgbackrest restore --pg1-path=NEW --type=immediate         process-max=2
 #             tar -xf base.tar of the uncompressed pg_basebackup (a reference: a plain copy, no
 #             decompression, decryption or checks)
@@ -99,7 +101,8 @@ chmod 755 "$work"
 res=$work/results
 as_pg mkdir "$res" "$work/sock" "$work/vsock"
 mkdir "$work/bin"
-cp target/release/walcore-archive target/release/walcore-restore target/release/walcore-basebackup "$work/bin/"
+cp target/release/walcore-archive target/release/walcore-restore target/release/walcore-basebackup \
+  target/release/walcore "$work/bin/"
 PGDATA_MAIN=$work/data
 sampler_pid=''
 
@@ -243,9 +246,10 @@ sampler() { # out stop
 
 declare -A label=([pgb-none]="pg_basebackup -Ft (none)" [pgb-zstd]="pg_basebackup -Ft client-zstd:1"
   [w-take]="walcore take" [p-take]="pgBackRest backup"
-  [w-restore]="walcore restore" [p-restore]="pgBackRest restore" [untar]="tar -xf base.tar (reference)")
+  [w-restore]="walcore restore" [p-restore]="pgBackRest restore" [untar]="tar -xf base.tar (reference)"
+  [w-verify]="walcore verify --full")
 takes=(pgb-none pgb-zstd w-take p-take)
-restores=(w-restore p-restore untar)
+restores=(w-restore w-verify p-restore untar)
 
 # One timed run: page cache dropped, command as the cluster's owner under /usr/bin/time, then sync.
 # Writes results/ID.ROUND.row: wall µs, sync µs, peak RSS KiB, tool CPU s, server CPU s,
@@ -350,7 +354,7 @@ for r in $(seq "$runs"); do
   done
   wait_archived
   order=("${restores[@]}")
-  if [ $((r % 2)) = 0 ]; then order=(untar p-restore w-restore); fi
+  if [ $((r % 2)) = 0 ]; then order=(untar p-restore w-verify w-restore); fi
   echo "== round $r of $runs: restores"
   for id in "${order[@]}"; do
     case $id in
@@ -358,6 +362,11 @@ for r in $(seq "$runs"); do
         run "$id" "$r" env WALCORE_REPO="file://$rd/walcore-repo" WALCORE_ENCRYPTION_KEY_FILE="$work/walcore.key" \
           "$work/bin/walcore-basebackup" restore --pgdata "$rd/restore-walcore" --target-immediate --json
         size_of "$id" "$r" "$rd/restore-walcore"
+        ;;
+      w-verify)
+        run "$id" "$r" env WALCORE_REPO="file://$rd/walcore-repo" WALCORE_ENCRYPTION_KEY_FILE="$work/walcore.key" \
+          "$work/bin/walcore" verify --full --json
+        size_of "$id" "$r" "$rd/walcore-repo"
         ;;
       p-restore)
         run "$id" "$r" "${pgbr[@]}" --pg1-path="$rd/restore-pgbr" --type=immediate --target-action=promote restore
@@ -446,4 +455,6 @@ v=$(awk -v k="$v" 'BEGIN { printf "%.1f", k / 1024 }')
 line "peak RSS MiB, take and restore" "$v" "target < 256: $(target "$v" '<' 256)"
 line "take speed / pg_basebackup client-zstd:1" "$(ratio "${wall[pgb-zstd]}" "${wall[w-take]}")" ""
 line "restore speed / tar -xf base.tar" "$(ratio "${wall[untar]}" "${wall[w-restore]}")" ""
+v=$(ratio "${wall[w-restore]}" "${wall[w-verify]}")
+line "verify --full speed / walcore restore (same backup)" "$v" "target >= 1: $(target "$v" '>=' 1)"
 line "backup size / pgBackRest's" "$(ratio "$(col w-take size | median)" "$(col p-take size | median)")" ""

@@ -410,6 +410,16 @@ impl Cluster {
         bins::install(name, &self.bin)
     }
 
+    /// A copy of the template, started, archiving with `walcore-archive` into the repository
+    /// `env` names.
+    pub fn archiving_into(env: &[(String, String)]) -> Cluster {
+        let mut c = Cluster::new();
+        c.archive_with_walcore();
+        c.set_env(env);
+        c.start();
+        c
+    }
+
     /// Sets `archive_command` to this cluster's copy of `walcore-archive`.
     pub fn archive_with_walcore(&self) {
         let bin = self.install(bins::ARCHIVE);

@@ -92,10 +92,7 @@ fn fingerprint(hex: &str) -> String {
 fn check_passes_on_a_good_setup_and_the_switched_segment_is_stored() {
     let repo = Repo::file();
     let env = repo.env(&Codec::encrypted(KEY_1));
-    let mut c = Cluster::new();
-    c.archive_with_walcore();
-    c.set_env(&env);
-    c.start();
+    let c = Cluster::archiving_into(&env);
     let tool = walcore(&c, env);
 
     // A repository nothing was archived to yet: the first switched segment creates it.
@@ -217,10 +214,7 @@ fn check_names_archive_mode_off_and_the_restart() {
 fn check_names_both_keys_when_the_key_is_wrong() {
     let repo = Repo::file();
     let env_a = repo.env(&Codec::encrypted(KEY_1));
-    let mut c = Cluster::new();
-    c.archive_with_walcore();
-    c.set_env(&env_a);
-    c.start();
+    let c = Cluster::archiving_into(&env_a);
     // The repository is written with key A.
     c.archive_all(ARCHIVE_WAIT);
 
@@ -296,10 +290,7 @@ fn check_says_what_to_check_when_the_store_is_out_of_reach() {
 fn check_refuses_a_repository_of_another_cluster() {
     let repo = Repo::file();
     let env = repo.env(&Codec::plain());
-    let mut a = Cluster::new();
-    a.archive_with_walcore();
-    a.set_env(&env);
-    a.start();
+    let a = Cluster::archiving_into(&env);
     a.archive_all(ARCHIVE_WAIT);
     let a_id = system_identifier(&a);
 
@@ -356,10 +347,7 @@ fn check_gives_up_at_its_timeout_and_reads_the_archivers_failures() {
 fn check_on_a_standby_skips_the_switch_and_says_to_run_it_on_the_primary() {
     let repo = Repo::file();
     let env = repo.env(&Codec::plain());
-    let mut primary = Cluster::new();
-    primary.archive_with_walcore();
-    primary.set_env(&env);
-    primary.start();
+    let primary = Cluster::archiving_into(&env);
     let base = primary.base_backup();
 
     let mut standby = Cluster::from_backup(&base);

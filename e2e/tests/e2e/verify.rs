@@ -79,10 +79,7 @@ fn consequences(p: &serde_json::Value) -> String {
 fn verify_faults(repo: &Repo) {
     let codec = Codec::encrypted(KEY_1);
     let env = repo.env(&codec);
-    let mut src = Cluster::new();
-    src.archive_with_walcore();
-    src.set_env(&env);
-    src.start();
+    let src = Cluster::archiving_into(&env);
     create_table(&src);
     insert_batch(&src, "pre", 1_000);
     let mut tool = Tool::new(&src, env.clone());
@@ -280,10 +277,7 @@ fn foreign_segment(name: &str, codec: &Codec) -> Vec<u8> {
 fn an_index_write_killed_at_any_moment_leaves_list_right() {
     let repo = Repo::file();
     let env = repo.env(&Codec::encrypted(KEY_1));
-    let mut src = Cluster::new();
-    src.archive_with_walcore();
-    src.set_env(&env);
-    src.start();
+    let src = Cluster::archiving_into(&env);
     let mut tool = Tool::new(&src, env.clone());
     tool.program = src.install(bins::WALCORE);
     let mut ids: Vec<String> = (0..3).map(|_| tool.take(&src, &[])).collect();
