@@ -298,7 +298,12 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
     }
 
     // The WAL that goes.
-    let sizes: BTreeMap<&str, u64> = wal.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    // `wal` is sorted by key: sizes by search, no map of a million keys.
+    let size_of = |k: &str| {
+        wal.binary_search_by(|o| o.key.as_str().cmp(k))
+            .ok()
+            .map(|i| wal[i].size)
+    };
     let mut sweep = wal_to_delete(&plan, seg_size, wal.iter().map(|o| o.key.as_str()));
     if catalog.records.is_empty() {
         held_back =
@@ -319,7 +324,7 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
         delete_bytes: sweep
             .delete
             .iter()
-            .filter_map(|k| sizes.get(k.as_str()))
+            .filter_map(|k| size_of(k.as_str()))
             .sum(),
         kept: sweep.kept,
         runs: runs(&sweep.delete, seg_size),

@@ -153,15 +153,27 @@ fn is_index_key(key: &str) -> bool {
     })
 }
 
-fn new_index_key(now: SystemTime) -> String {
-    let t: DateTime<Utc> = now.into();
+/// A new name `PREFIX` + `YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX` that sorts after every name in `old`
+/// (the newest wins by name): the later of `now` and one millisecond after the newest old
+/// name's time, then random digits. Two objects written in the same millisecond must not
+/// let the older win.
+pub(crate) fn next_name(prefix: &str, old: &[String], now: SystemTime) -> String {
+    const FORMAT: &str = "%Y%m%dT%H%M%S%.3fZ";
+    let mut t: DateTime<Utc> = now.into();
+    t = DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
+    let newest = old
+        .iter()
+        .filter_map(|k| k.strip_prefix(prefix)?.get(..20))
+        .filter_map(|time| chrono::NaiveDateTime::parse_from_str(time, FORMAT).ok())
+        .max();
+    if let Some(newest) = newest
+        && t.naive_utc() <= newest
+    {
+        t = newest.and_utc() + chrono::Duration::milliseconds(1);
+    }
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
-    format!(
-        "{INDEX_PREFIX}{}-{}",
-        t.format("%Y%m%dT%H%M%S%.3fZ"),
-        hex::encode(r)
-    )
+    format!("{prefix}{}-{}", t.format(FORMAT), hex::encode(r))
 }
 
 /// The index objects stored, oldest first.
@@ -216,7 +228,7 @@ async fn write(repo: &Repository, mut index: Index, old: &[String]) -> Option<St
             return None;
         }
     };
-    let key = new_index_key(now);
+    let key = next_name(INDEX_PREFIX, old, now);
     if let Err(e) = repo.put_small(&key, body).await {
         tracing::info!(
             "the repository index could not be written ({e:#}); commands keep reading the \
@@ -224,7 +236,7 @@ async fn write(repo: &Repository, mut index: Index, old: &[String]) -> Option<St
         );
         return None;
     }
-    let stale: Vec<String> = old.iter().filter(|k| **k < key).cloned().collect();
+    let stale: Vec<String> = old.to_vec();
     if !stale.is_empty()
         && let Err(e) = repo.store().delete_many(&stale).await
     {

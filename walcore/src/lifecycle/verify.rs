@@ -266,7 +266,25 @@ fn segment_number(key: &str) -> Option<(u32, u64)> {
 #[derive(Debug, Clone)]
 enum Subject {
     Wal(WalFileName),
-    Backup(String, ObjectEntry),
+    /// Boxed: a million WAL subjects stay small.
+    Backup(Box<(String, ObjectEntry)>),
+}
+
+/// The stored WAL files by key, in the listing's (key) order: a sorted vector, searched by
+/// halves, so a million segments cost their names and no tree.
+struct WalNames<'a>(Vec<(WalFileName, &'a ObjectInfo)>);
+
+impl<'a> WalNames<'a> {
+    fn get(&self, key: &str) -> Option<&(WalFileName, &'a ObjectInfo)> {
+        self.0
+            .binary_search_by(|(_, o)| o.key.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i])
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
 }
 
 /// The outcome of reading one object.
@@ -327,11 +345,11 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     }
 
     // The WAL as stored, by name.
-    let mut wal_names: BTreeMap<&str, (WalFileName, &ObjectInfo)> = BTreeMap::new();
+    let mut wal_names = WalNames(Vec::new());
     for o in &wal {
         match parse_wal_key(&o.key) {
             Some(name) => {
-                wal_names.insert(o.key.as_str(), (name, o));
+                wal_names.0.push((name, o));
             }
             None if options.backup.is_none() => problems.push(Problem {
                 key: o.key.clone(),
@@ -343,9 +361,9 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         }
     }
     let mut histories = BTreeMap::new();
-    for (key, (name, _)) in &wal_names {
+    for (name, o) in &wal_names.0 {
         if *name.kind() == WalFileKind::History {
-            match repo.get_small(key).await {
+            match repo.get_small(&o.key).await {
                 Ok(bytes) => {
                     if let Ok(h) = TimelineHistory::parse(name.timeline(), &bytes) {
                         histories.insert(name.timeline(), h);
@@ -381,8 +399,8 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             .flat_map(|(_, segs)| segs.iter().flatten().map(wal_key))
             .collect()
     });
-    for (key, (name, info)) in &wal_names {
-        if wanted_wal.as_ref().is_none_or(|w| w.contains(*key)) {
+    for (name, info) in &wal_names.0 {
+        if wanted_wal.as_ref().is_none_or(|w| w.contains(&info.key)) {
             subjects.push((*info, Subject::Wal(name.clone())));
         }
     }
@@ -392,7 +410,10 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         for entry in &r.objects {
             match stored_backup.get(entry.key.as_str()) {
                 Some(info) => {
-                    subjects.push((*info, Subject::Backup(r.id.clone(), entry.clone())));
+                    subjects.push((
+                        *info,
+                        Subject::Backup(Box::new((r.id.clone(), entry.clone()))),
+                    ));
                 }
                 None => problems.push(Problem {
                     key: entry.key.clone(),
@@ -466,7 +487,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     // Continuity: what each backup needs, and the window.
     let present = |name: &WalFileName| {
         let key = wal_key(name);
-        wal_names.contains_key(key.as_str()) && !bad_wal.contains(&key)
+        wal_names.contains(&key) && !bad_wal.contains(&key)
     };
     let mut consequences: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (r, segments) in &needed_by_backup {
@@ -632,7 +653,8 @@ async fn read_one(
     };
     let problem = match subject {
         Subject::Wal(name) => check_wal(&name, &first, summary.plaintext_len, system_id, seg),
-        Subject::Backup(id, entry) => {
+        Subject::Backup(backup) => {
+            let (id, entry) = *backup;
             if summary.plaintext_len != entry.plaintext_len
                 || summary.plaintext_crc != entry.plaintext_crc32
             {
@@ -808,7 +830,7 @@ struct Gap {
 fn window_pass(
     records: &[BackupRecord],
     histories: &BTreeMap<TimelineId, TimelineHistory>,
-    wal: &BTreeMap<&str, (WalFileName, &ObjectInfo)>,
+    wal: &WalNames,
     present: &dyn Fn(&WalFileName) -> bool,
     seg: WalSegmentSize,
 ) -> Option<(WindowReport, Vec<Gap>)> {
@@ -831,7 +853,8 @@ fn window_pass(
     let oldest = on_path.iter().min_by_key(|r| r.start_lsn)?;
     // The newest segment stored along the path.
     let last = wal
-        .values()
+        .0
+        .iter()
         .filter(|(n, _)| n.is_segment())
         .filter_map(|(n, _)| {
             let s = n.segno(seg).ok()?;
@@ -1123,7 +1146,7 @@ async fn write_ledger(
     let old = listing(repo, LEDGER_PREFIX, |s| s.list(LEDGER_PREFIX))
         .await
         .ok()?;
-    let key = ledger_key(SystemTime::now());
+    let key = super::index::next_name(LEDGER_PREFIX, &old, SystemTime::now());
     let body = serde_json::to_vec(&ledger).ok()?;
     match repo.put_small(&key, body).await {
         Ok(_) => {}
@@ -1139,17 +1162,6 @@ async fn write_ledger(
         tracing::warn!("could not delete older verify ledgers ({e}); they are ignored");
     }
     Some(key)
-}
-
-fn ledger_key(now: SystemTime) -> String {
-    let t: chrono::DateTime<chrono::Utc> = now.into();
-    let mut r = [0u8; 4];
-    let _ = getrandom::fill(&mut r);
-    format!(
-        "{LEDGER_PREFIX}{}-{}",
-        t.format("%Y%m%dT%H%M%S%.3fZ"),
-        hex::encode(r)
-    )
 }
 
 #[cfg(test)]

@@ -100,7 +100,7 @@ async fn apply(repo: &Repository, root: &std::path::Path, op: &Op, clock: &mut S
             }
         }
         Op::GarbleIndex => {
-            let key = new_index_key(*clock + Duration::from_secs(3600));
+            let key = next_name(INDEX_PREFIX, &[], *clock + Duration::from_secs(3600));
             let path = root.join(&key);
             std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
             std::fs::write(&path, b"garbage").expect("garble");
@@ -323,4 +323,18 @@ proptest! {
             Ok::<(), TestCaseError>(())
         })?;
     }
+}
+
+#[test]
+fn a_name_written_in_the_same_millisecond_sorts_after_the_older_one() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
+    let first = next_name(INDEX_PREFIX, &[], now);
+    for _ in 0..50 {
+        let second = next_name(INDEX_PREFIX, std::slice::from_ref(&first), now);
+        assert!(second > first, "{second} after {first}");
+        assert!(is_index_key(&second), "{second}");
+    }
+    // An older clock than the newest name still sorts after it.
+    let earlier = now - Duration::from_secs(60);
+    assert!(next_name(INDEX_PREFIX, std::slice::from_ref(&first), earlier) > first);
 }
