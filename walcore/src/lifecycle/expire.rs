@@ -319,13 +319,16 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
         sweep.kept += sweep.delete.len();
         sweep.delete.clear();
     }
+    let delete_bytes = sweep
+        .delete
+        .iter()
+        .filter_map(|k| size_of(k.as_str()))
+        .sum();
+    // A million listed keys are not needed past here: the sweep holds what goes.
+    drop(wal);
     let wal_report = WalReport {
         delete: sweep.delete.len(),
-        delete_bytes: sweep
-            .delete
-            .iter()
-            .filter_map(|k| size_of(k.as_str()))
-            .sum(),
+        delete_bytes,
         kept: sweep.kept,
         runs: runs(&sweep.delete, seg_size),
         unclassified: sweep.unclassified.clone(),
@@ -503,29 +506,34 @@ async fn prune(repo: &Repository, prefix: &str) {
     }
 }
 
-/// The deleted keys as runs of consecutive segments per timeline (for the plan's text).
+/// The deleted keys as runs of consecutive segments per timeline (for the plan's text). The
+/// keys come sorted (a sweep of a sorted listing), which is (timeline, segment) order; names
+/// are borrowed, so a million keys cost no second copy of their text.
 fn runs(keys: &[String], seg_size: WalSegmentSize) -> Vec<WalRun> {
-    let mut named: Vec<(TimelineId, u64, String)> = keys
+    let mut named: Vec<(TimelineId, u64, &str)> = keys
         .iter()
         .filter_map(|k| {
-            let name = WalFileName::parse(k.rsplit('/').next()?).ok()?;
+            let file = k.rsplit('/').next()?;
+            let name = WalFileName::parse(file).ok()?;
             let segno = name.segno(seg_size).ok()?;
-            Some((name.timeline(), segno.0, name.to_string()))
+            Some((name.timeline(), segno.0, file))
         })
         .collect();
-    named.sort();
+    if !named.is_sorted() {
+        named.sort_unstable();
+    }
     let mut out: Vec<WalRun> = Vec::new();
     let mut last: Option<(TimelineId, u64)> = None;
     for (tli, segno, name) in named {
         match (out.last_mut(), last) {
             (Some(run), Some((t, s))) if t == tli && segno <= s + 1 => {
-                run.last = name;
+                run.last = name.to_owned();
                 run.files += 1;
             }
             _ => out.push(WalRun {
                 timeline: tli.0,
-                first: name.clone(),
-                last: name,
+                first: name.to_owned(),
+                last: name.to_owned(),
                 files: 1,
             }),
         }
