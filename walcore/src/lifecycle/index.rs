@@ -86,17 +86,21 @@ impl WalDir {
             .then(|| u32::from_str_radix(&name[16..], 16).ok())
             .flatten();
             match seg {
-                Some(s) => {
-                    match dir.segments.last_mut() {
-                        Some(run) if run.1.checked_add(1) == Some(s) => run.1 = s,
-                        _ => dir.segments.push((s, s)),
-                    }
-                    dir.sizes.push(size);
-                }
+                Some(s) => dir.push_segment(s, size),
                 None => dir.others.push((name.to_owned(), size)),
             }
         }
         dir
+    }
+
+    /// Adds a segment by the last eight hexadecimal digits of its name, with its stored size;
+    /// segments come in the order of their names.
+    pub fn push_segment(&mut self, s: u32, size: u64) {
+        match self.segments.last_mut() {
+            Some(run) if run.1.checked_add(1) == Some(s) => run.1 = s,
+            _ => self.segments.push((s, s)),
+        }
+        self.sizes.push(size);
     }
 
     /// The directory's objects, sorted by key.
@@ -406,7 +410,7 @@ pub async fn wal_objects(repo: &Repository) -> Result<Vec<WalObject>, Error> {
 }
 
 /// Timeline directory names: eight upper-case hexadecimal digits.
-fn is_hex8(name: &str) -> bool {
+pub(crate) fn is_hex8(name: &str) -> bool {
     name.len() == 8
         && name
             .bytes()
@@ -460,35 +464,13 @@ async fn refresh_wal(repo: &Repository, index: &mut Index) -> Result<bool, Error
     Ok(changed)
 }
 
-/// Replaces the index's WAL part with what a full listing of `wal/` showed (`verify` lists
-/// everything anyway): changes made behind walcore's back in older directories, which the
-/// index cannot see by itself, are in it from then on. Best effort.
-pub async fn anchor_wal(repo: &Repository, listed: &[ObjectInfo]) {
+/// Replaces the index's WAL part with what a full listing of `wal/` showed, summarised by
+/// directory (`verify` lists everything anyway): changes made behind walcore's back in older
+/// directories, which the index cannot see by itself, are in it from then on. Best effort.
+pub async fn anchor_wal(repo: &Repository, wal: BTreeMap<String, BTreeMap<String, WalDir>>) {
     let Ok((mut index, keys)) = read_newest(repo).await else {
         return;
     };
-    let mut groups: BTreeMap<(&str, &str), Vec<&ObjectInfo>> = BTreeMap::new();
-    for o in listed {
-        let mut parts = o.key.split('/');
-        if let (Some("wal"), Some(tli), Some(log), Some(_), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) && is_hex8(tli)
-            && is_hex8(log)
-        {
-            groups.entry((tli, log)).or_default().push(o);
-        }
-    }
-    let mut wal: BTreeMap<String, BTreeMap<String, WalDir>> = BTreeMap::new();
-    for ((tli, log), objects) in groups {
-        wal.entry(tli.to_owned()).or_default().insert(
-            log.to_owned(),
-            WalDir::from_listing(tli, log, objects.iter().map(|o| (o.key.as_str(), o.size))),
-        );
-    }
     if wal != index.wal {
         index.wal = wal;
         write(repo, index, &keys).await;

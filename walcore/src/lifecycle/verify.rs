@@ -227,11 +227,18 @@ struct Verified {
 }
 
 impl Verified {
+    #[cfg(test)]
     fn covers(&self, object: &ObjectInfo) -> bool {
+        self.covers_as(segment_number(&object.key), object)
+    }
+
+    /// [`covers`](Self::covers) for an object whose segment number (when it is a segment) is
+    /// already known.
+    fn covers_as(&self, segment: Option<(u32, u64)>, object: &ObjectInfo) -> bool {
         let Some(through) = self.through else {
             return false;
         };
-        let listed = match segment_number(&object.key) {
+        let listed = match segment {
             Some(s) => self.segments.contains(&s),
             None => self.keys.contains(&object.key),
         };
@@ -251,15 +258,17 @@ impl Verified {
 
 /// The timeline and 64-bit name number of a WAL segment key of this layout.
 fn segment_number(key: &str) -> Option<(u32, u64)> {
-    let n = key
-        .rsplit('/')
-        .next()
-        .and_then(|n| WalFileName::parse(n).ok())
-        .filter(|n| n.is_segment() && wal_key(n) == key)?;
-    Some((
-        n.timeline().0,
-        u64::from(n.log_id()) << 32 | u64::from(n.seg_id()),
-    ))
+    parse_wal_key(key)
+        .filter(WalFileName::is_segment)
+        .map(|n| number_of(&n))
+}
+
+/// The timeline and 64-bit name number of a WAL file name.
+fn number_of(name: &WalFileName) -> (u32, u64) {
+    (
+        name.timeline().0,
+        u64::from(name.log_id()) << 32 | u64::from(name.seg_id()),
+    )
 }
 
 /// The stored object kinds verify reads.
@@ -270,20 +279,128 @@ enum Subject {
     Backup(Box<(String, ObjectEntry)>),
 }
 
-/// The stored WAL files by key, in the listing's (key) order: a sorted vector, searched by
-/// halves, so a million segments cost their names and no tree.
-struct WalNames<'a>(Vec<(WalFileName, &'a ObjectInfo)>);
+/// One stored WAL segment, as small as a million of them need: its name as numbers, its
+/// stored size and time, and whether it is verified (by the ledger, or read in this run).
+#[derive(Debug, Clone, Copy)]
+struct StoredSegment {
+    tli: u32,
+    num: u64,
+    size: u64,
+    modified: SystemTime,
+    verified: bool,
+}
 
-impl<'a> WalNames<'a> {
-    fn get(&self, key: &str) -> Option<&(WalFileName, &'a ObjectInfo)> {
-        self.0
-            .binary_search_by(|(_, o)| o.key.as_str().cmp(key))
-            .ok()
-            .map(|i| &self.0[i])
+/// What the listing of `wal/` showed, kept as it streams by: segments compact, the few other
+/// objects whole, and whole copies only of what this run must read or remember.
+#[derive(Debug, Default)]
+struct StoredWal {
+    /// Sorted by timeline and number once the listing is done.
+    segments: Vec<StoredSegment>,
+    /// WAL files that are not segments (histories, `.partial`, `.backup`), sorted by key.
+    others: Vec<(WalFileName, ObjectInfo)>,
+    /// Keys under `wal/` that are not a WAL file name of this layout.
+    foreign: Vec<ObjectInfo>,
+    /// WAL files the ledger does not cover: to read.
+    unverified: Vec<ObjectInfo>,
+    /// Objects within [`RECENT`] of the newest time seen: the ledger's `recent` candidates.
+    recent: Vec<ObjectInfo>,
+    recent_kept: usize,
+    newest: Option<SystemTime>,
+}
+
+impl StoredWal {
+    fn add(&mut self, object: ObjectInfo, ledger: &Verified) {
+        let Some(name) = parse_wal_key(&object.key) else {
+            self.foreign.push(object);
+            return;
+        };
+        let newest = self
+            .newest
+            .map_or(object.modified, |t| t.max(object.modified));
+        self.newest = Some(newest);
+        if object.modified + RECENT >= newest {
+            self.recent.push(object.clone());
+            if self.recent.len() > 2 * self.recent_kept + 1024 {
+                self.recent.retain(|o| o.modified + RECENT >= newest);
+                self.recent_kept = self.recent.len();
+            }
+        }
+        let number = name.is_segment().then(|| number_of(&name));
+        let verified = ledger.covers_as(number, &object);
+        if !verified {
+            self.unverified.push(object.clone());
+        }
+        match number {
+            Some((tli, num)) => self.segments.push(StoredSegment {
+                tli,
+                num,
+                size: object.size,
+                modified: object.modified,
+                verified,
+            }),
+            None => self.others.push((name, object)),
+        }
     }
 
-    fn contains(&self, key: &str) -> bool {
-        self.get(key).is_some()
+    fn finish(mut self) -> StoredWal {
+        self.segments.sort_unstable_by_key(|s| (s.tli, s.num));
+        self.others.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+        self.unverified.sort_by(|a, b| a.key.cmp(&b.key));
+        if let Some(newest) = self.newest {
+            self.recent.retain(|o| o.modified + RECENT >= newest);
+        }
+        self
+    }
+
+    fn position(&self, (tli, num): (u32, u64)) -> Option<usize> {
+        self.segments
+            .binary_search_by_key(&(tli, num), |s| (s.tli, s.num))
+            .ok()
+    }
+
+    /// The stored segment of this name.
+    fn segment(&self, name: &WalFileName) -> Option<&StoredSegment> {
+        if !name.is_segment() {
+            return None;
+        }
+        self.position(number_of(name)).map(|i| &self.segments[i])
+    }
+
+    /// The index's summary of the listing: by timeline and log directory.
+    fn directories(&self) -> BTreeMap<String, BTreeMap<String, super::index::WalDir>> {
+        let mut out: BTreeMap<String, BTreeMap<String, super::index::WalDir>> = BTreeMap::new();
+        for s in &self.segments {
+            out.entry(format!("{:08X}", s.tli))
+                .or_default()
+                .entry(format!("{:08X}", s.num >> 32))
+                .or_default()
+                .push_segment(s.num as u32, s.size);
+        }
+        // Everything else in a log directory, as the index's own listing of it would show.
+        let rest = self.others.iter().map(|(_, o)| o).chain(&self.foreign);
+        for o in rest {
+            let mut parts = o.key.split('/');
+            if let (Some("wal"), Some(tli), Some(log), Some(file), None) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) && super::index::is_hex8(tli)
+                && super::index::is_hex8(log)
+            {
+                out.entry(tli.to_owned())
+                    .or_default()
+                    .entry(log.to_owned())
+                    .or_default()
+                    .others
+                    .push((file.to_owned(), o.size));
+            }
+        }
+        for dir in out.values_mut().flat_map(BTreeMap::values_mut) {
+            dir.others.sort();
+        }
+        out
     }
 }
 
@@ -310,7 +427,18 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     let seg = meta.segment_size()?;
     let system_id = meta.system_id()?;
 
-    let wal = listing(repo, "wal/", |s| s.list_info("wal/")).await?;
+    // The ledger first: the WAL listing keeps whole only what it does not cover.
+    let ledger = Arc::new(if options.full {
+        Verified::default()
+    } else {
+        read_ledger(repo).await?
+    });
+    let wal = listing(repo, "wal/", |s| {
+        let ledger = ledger.clone();
+        s.fold_info("wal/", StoredWal::default(), move |w, o| w.add(o, &ledger))
+    })
+    .await?
+    .finish();
     let backups = listing(repo, "backup/", |s| s.list_info("backup/")).await?;
     let cat = catalog::scan(repo).await?;
     let mut problems = Vec::new();
@@ -343,25 +471,16 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             format!("no complete backup {id} in the catalog of {store} (see walcore list)"),
         ));
     }
-
-    // The WAL as stored, by name.
-    let mut wal_names = WalNames(Vec::new());
-    for o in &wal {
-        match parse_wal_key(&o.key) {
-            Some(name) => {
-                wal_names.0.push((name, o));
-            }
-            None if options.backup.is_none() => problems.push(Problem {
-                key: o.key.clone(),
-                kind: ProblemKind::Unreferenced,
-                detail: "not a WAL file name of this repository's layout".into(),
-                consequences: vec!["no restore reads it; it only takes space".into()],
-            }),
-            None => {}
-        }
+    if options.backup.is_none() {
+        problems.extend(wal.foreign.iter().map(|o| Problem {
+            key: o.key.clone(),
+            kind: ProblemKind::Unreferenced,
+            detail: "not a WAL file name of this repository's layout".into(),
+            consequences: vec!["no restore reads it; it only takes space".into()],
+        }));
     }
     let mut histories = BTreeMap::new();
-    for (name, o) in &wal_names.0 {
+    for (name, o) in &wal.others {
         if *name.kind() == WalFileKind::History {
             match repo.get_small(&o.key).await {
                 Ok(bytes) => {
@@ -383,7 +502,6 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     };
 
     // What to read: WAL (all of it, or the backup's range), and the backups' objects.
-    let mut subjects: Vec<(&ObjectInfo, Subject)> = Vec::new();
     let needed_by_backup: Vec<(&BackupRecord, Vec<Vec<WalFileName>>)> = records
         .iter()
         .map(|r| {
@@ -399,21 +517,38 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             .flat_map(|(_, segs)| segs.iter().flatten().map(wal_key))
             .collect()
     });
-    for (name, info) in &wal_names.0 {
-        if wanted_wal.as_ref().is_none_or(|w| w.contains(&info.key)) {
-            subjects.push((*info, Subject::Wal(name.clone())));
+    let wal_subjects = match &wanted_wal {
+        None => wal.segments.len() + wal.others.len(),
+        Some(w) => w
+            .iter()
+            .filter(|k| segment_number(k).and_then(|n| wal.position(n)).is_some())
+            .count(),
+    };
+    let mut to_read: Vec<(&ObjectInfo, Subject)> = Vec::new();
+    for info in &wal.unverified {
+        if wanted_wal.as_ref().is_none_or(|w| w.contains(&info.key))
+            && let Some(name) = parse_wal_key(&info.key)
+        {
+            to_read.push((info, Subject::Wal(name)));
         }
     }
     let stored_backup: BTreeMap<&str, &ObjectInfo> =
         backups.iter().map(|o| (o.key.as_str(), o)).collect();
+    let mut backup_subjects = 0;
+    let mut verified_keys: BTreeSet<String> = BTreeSet::new();
     for r in &records {
         for entry in &r.objects {
             match stored_backup.get(entry.key.as_str()) {
                 Some(info) => {
-                    subjects.push((
-                        *info,
-                        Subject::Backup(Box::new((r.id.clone(), entry.clone()))),
-                    ));
+                    backup_subjects += 1;
+                    if ledger.covers_as(None, info) {
+                        verified_keys.insert(info.key.clone());
+                    } else {
+                        to_read.push((
+                            *info,
+                            Subject::Backup(Box::new((r.id.clone(), entry.clone()))),
+                        ));
+                    }
                 }
                 None => problems.push(Problem {
                     key: entry.key.clone(),
@@ -433,16 +568,8 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         ));
     }
 
-    // The ledger, then the reads.
-    let ledger = if options.full {
-        Verified::default()
-    } else {
-        read_ledger(repo).await?
-    };
-    let objects_listed = subjects.len() + cat.records.len();
-    let (to_read, already): (Vec<_>, Vec<_>) = subjects
-        .into_iter()
-        .partition(|(info, _)| !ledger.covers(info));
+    // The reads.
+    let objects_listed = wal_subjects + backup_subjects + cat.records.len();
     let meter = Arc::new(Mutex::new(Meter::new(options.progress)));
     if let Ok(mut m) = meter.lock() {
         m.set_total(Some(to_read.iter().map(|(i, _)| i.size).sum()));
@@ -455,8 +582,9 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             async move { read_one(repo, info.clone(), subject, &expect, &meter).await }
         })
         .buffer_unordered(READS_IN_FLIGHT);
-    let mut bad_wal: BTreeSet<String> = BTreeSet::new();
-    let mut verified_now: Vec<String> = Vec::new();
+    // Segments by number (a million of them stay small), other objects by key.
+    let mut bad_segments: std::collections::HashSet<(u32, u64)> = Default::default();
+    let mut verified_now: Vec<(u32, u64)> = Vec::new();
     let mut objects_read = 0;
     let mut bytes_read = 0;
     let mut read_problems = Vec::new();
@@ -464,11 +592,17 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         let read = read?;
         objects_read += 1;
         bytes_read += read.stored;
+        let number = segment_number(&read.key);
         match read.problem {
-            None => verified_now.push(read.key),
+            None => match number {
+                Some(n) => verified_now.push(n),
+                None => {
+                    verified_keys.insert(read.key);
+                }
+            },
             Some((kind, detail)) => {
-                if read.key.starts_with("wal/") {
-                    bad_wal.insert(read.key.clone());
+                if let Some(n) = number {
+                    bad_segments.insert(n);
                 }
                 read_problems.push(Problem {
                     key: read.key,
@@ -483,11 +617,16 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     if let Ok(mut m) = meter.lock() {
         m.finish();
     }
+    let mut wal = wal;
+    for n in verified_now {
+        if let Some(i) = wal.position(n) {
+            wal.segments[i].verified = true;
+        }
+    }
 
     // Continuity: what each backup needs, and the window.
     let present = |name: &WalFileName| {
-        let key = wal_key(name);
-        wal_names.contains(&key) && !bad_wal.contains(&key)
+        wal.segment(name).is_some() && !bad_segments.contains(&number_of(name))
     };
     let mut consequences: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (r, segments) in &needed_by_backup {
@@ -507,7 +646,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     }
     let mut window = None;
     if options.backup.is_none() {
-        let w = window_pass(&cat.records, &histories, &wal_names, &present, seg);
+        let w = window_pass(&cat.records, &histories, &wal, &present, seg);
         if let Some((report, gaps)) = w {
             window = Some(report);
             for gap in gaps {
@@ -536,27 +675,34 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     problems.sort_by(|a, b| a.key.cmp(&b.key).then(a.kind.cmp(&b.kind)));
 
     if options.backup.is_none() {
-        super::index::anchor_wal(repo, &wal).await;
+        super::index::anchor_wal(repo, wal.directories()).await;
     }
 
-    // Catalog records were decoded by the scan: they count as verified.
-    let record_keys: Vec<String> = cat
-        .records
-        .iter()
-        .map(|r| catalog::catalog_key(&r.id))
-        .collect();
-    let mut verified: Vec<&str> = already.iter().map(|(i, _)| i.key.as_str()).collect();
-    verified.extend(verified_now.iter().map(String::as_str));
-    verified.extend(record_keys.iter().map(String::as_str));
-    verified.sort_unstable();
+    // The new ledger: what the old one covered and is still stored, what was read now, and
+    // the catalog records (decoded by the scan: they count as verified).
     let objects_already_verified = objects_listed - objects_read - cat.records.len();
-    let through = wal.iter().chain(&backups).map(|o| o.modified).max();
+    for (_, o) in &wal.others {
+        if ledger.covers_as(None, o) {
+            verified_keys.insert(o.key.clone());
+        }
+    }
+    verified_keys.extend(cat.records.iter().map(|r| catalog::catalog_key(&r.id)));
+    let through = wal
+        .newest
+        .into_iter()
+        .chain(backups.iter().map(|o| o.modified))
+        .max();
+    let is_verified = |o: &ObjectInfo| match segment_number(&o.key) {
+        Some(n) => wal.position(n).is_some_and(|i| wal.segments[i].verified),
+        None => verified_keys.contains(&o.key),
+    };
     let recent: Vec<RecentEntry> = match through {
         Some(t) => wal
+            .recent
             .iter()
             .chain(&backups)
             .filter(|o| o.modified + RECENT >= t)
-            .filter(|o| verified.binary_search(&o.key.as_str()).is_ok())
+            .filter(|o| is_verified(o))
             .map(|o| RecentEntry {
                 key: o.key.clone(),
                 modified: nanos(o.modified),
@@ -566,7 +712,22 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         None => Vec::new(),
     };
     let ledger_key = if objects_read > 0 || options.full {
-        write_ledger(repo, &verified, recent, through).await
+        let mut runs: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for s in wal.segments.iter().filter(|s| s.verified) {
+            let list = runs.entry(s.tli).or_default();
+            match list.last_mut() {
+                Some(last) if last.1 + 1 == s.num => last.1 = s.num,
+                _ => list.push((s.num, s.num)),
+            }
+        }
+        write_ledger(
+            repo,
+            runs,
+            verified_keys.into_iter().collect(),
+            recent,
+            through,
+        )
+        .await
     } else {
         None
     };
@@ -830,7 +991,7 @@ struct Gap {
 fn window_pass(
     records: &[BackupRecord],
     histories: &BTreeMap<TimelineId, TimelineHistory>,
-    wal: &WalNames,
+    wal: &StoredWal,
     present: &dyn Fn(&WalFileName) -> bool,
     seg: WalSegmentSize,
 ) -> Option<(WindowReport, Vec<Gap>)> {
@@ -853,12 +1014,14 @@ fn window_pass(
     let oldest = on_path.iter().min_by_key(|r| r.start_lsn)?;
     // The newest segment stored along the path.
     let last = wal
-        .0
+        .segments
         .iter()
-        .filter(|(n, _)| n.is_segment())
-        .filter_map(|(n, _)| {
-            let s = n.segno(seg).ok()?;
-            path.reaches(n.timeline(), s.start_lsn(seg)).then_some(s.0)
+        .filter_map(|s| {
+            let per_id = seg.segments_per_xlog_id();
+            let (log, id) = (s.num >> 32, s.num & u64::from(u32::MAX));
+            let n = SegmentNo((id < per_id).then_some(log * per_id + id)?);
+            path.reaches(TimelineId(s.tli), n.start_lsn(seg))
+                .then_some(n.0)
         })
         .max()?;
     let first = oldest.start_lsn.segment(seg).0;
@@ -874,8 +1037,8 @@ fn window_pass(
         let before = SegmentNo(*lo).start_lsn(seg);
         let after = SegmentNo(hi + 1).start_lsn(seg);
         let t1 = wal
-            .get(wal_key(&serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0]).as_str())
-            .map(|(_, o)| catalog::format_time(o.modified));
+            .segment(&serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0])
+            .map(|s| catalog::format_time(s.modified));
         let from = on_path
             .iter()
             .filter(|r| r.stop_lsn < before)
@@ -1113,36 +1276,24 @@ fn is_ledger_key(key: &str) -> bool {
 /// ledger that cannot be written costs the next run its reads, nothing else.
 async fn write_ledger(
     repo: &Repository,
-    verified: &[&str],
+    segments: BTreeMap<u32, Vec<(u64, u64)>>,
+    keys: Vec<String>,
     recent: Vec<RecentEntry>,
     through: Option<SystemTime>,
 ) -> Option<String> {
     let through = through?;
-    let mut ledger = Ledger {
+    let ledger = Ledger {
         format_version: 1,
         listed_through: nanos(through),
+        keys,
+        segments: segments
+            .into_iter()
+            .map(|(t, r)| (format!("{t:08X}"), r))
+            .collect(),
         recent,
         time: catalog::format_time(SystemTime::now()),
         created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
-        ..Ledger::default()
     };
-    let mut runs: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-    for key in verified {
-        match segment_number(key) {
-            Some((tli, s)) => {
-                let list = runs.entry(tli).or_default();
-                match list.last_mut() {
-                    Some(last) if last.1 + 1 == s => last.1 = s,
-                    _ => list.push((s, s)),
-                }
-            }
-            None => ledger.keys.push((*key).to_owned()),
-        }
-    }
-    ledger.segments = runs
-        .into_iter()
-        .map(|(t, r)| (format!("{t:08X}"), r))
-        .collect();
     let old = listing(repo, LEDGER_PREFIX, |s| s.list(LEDGER_PREFIX))
         .await
         .ok()?;

@@ -69,6 +69,47 @@ impl Store {
         Ok(out)
     }
 
+    /// Every object under `prefix` (at any depth) with its size and time, each handed to
+    /// `visit` as the listing goes, in no particular order: what a caller keeps of a million
+    /// objects is up to it, the listing itself holds one directory or page at a time.
+    pub async fn fold_info<S: Send + 'static>(
+        &self,
+        prefix: &str,
+        mut state: S,
+        mut visit: impl FnMut(&mut S, ObjectInfo) + Send + 'static,
+    ) -> Result<S, StoreError> {
+        match self {
+            Store::Local(l) => {
+                let root = l.root().to_path_buf();
+                let prefix = prefix.trim_end_matches('/').to_owned();
+                super::blocking(move || {
+                    walk_each(&root, &prefix, |o| visit(&mut state, o))?;
+                    Ok(state)
+                })
+                .await?
+            }
+            Store::Remote(r) => {
+                use futures::StreamExt;
+                let path = object_store::path::Path::from(prefix.trim_end_matches('/'));
+                let mut stream = r.object_store().list(Some(&path));
+                while let Some(meta) = stream.next().await {
+                    progress::tick();
+                    let meta = meta.map_err(super::remote::map_error)?;
+                    visit(
+                        &mut state,
+                        ObjectInfo {
+                            key: meta.location.to_string(),
+                            size: meta.size,
+                            modified: meta.last_modified.into(),
+                            etag: meta.e_tag,
+                        },
+                    );
+                }
+                Ok(state)
+            }
+        }
+    }
+
     /// Removes the temporary files under `prefix` on a file system: what a killed writer left
     /// (a partial archive of a killed take can be as large as the backup). Only for a prefix
     /// nothing writes to any more. An object store has none (an unfinished multipart upload is
@@ -202,13 +243,23 @@ fn read_level(root: &std::path::Path, prefix: &str) -> Result<Level, StoreError>
 /// Every object below directory `prefix` of a local store; an absent directory has none.
 fn walk(root: &std::path::Path, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
     let mut out = Vec::new();
+    walk_each(root, prefix, |o| out.push(o))?;
+    Ok(out)
+}
+
+/// [`walk`], handing each object to `visit` as its directory is read.
+fn walk_each(
+    root: &std::path::Path,
+    prefix: &str,
+    mut visit: impl FnMut(ObjectInfo),
+) -> Result<(), StoreError> {
     let mut stack = vec![prefix.to_owned()];
     while let Some(dir) = stack.pop() {
         let level = read_level(root, &dir)?;
         stack.extend(level.dirs.iter().map(|d| format!("{dir}/{d}")));
-        out.extend(level.objects);
+        level.objects.into_iter().for_each(&mut visit);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Removes `dir` and the directories below it that hold nothing; best effort (a directory
