@@ -192,8 +192,46 @@ struct Ledger {
     /// an object rewritten in the same second as the listing.
     #[serde(default)]
     recent: Vec<RecentEntry>,
+    /// What the run that wrote it found (`walcore status` shows it).
+    #[serde(default)]
+    result: Option<LastVerify>,
     time: String,
     created_by: String,
+}
+
+/// What the last verify run found, as its ledger records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastVerify {
+    /// When it ended (the ledger's time).
+    #[serde(default)]
+    pub time: String,
+    pub full: bool,
+    /// The backup it was limited to (`--backup`), if any.
+    pub backup: Option<String>,
+    pub objects_read: usize,
+    /// Problems found, and how many of them cost a restore.
+    pub problems: usize,
+    pub damage: usize,
+}
+
+/// The result of the newest verify run, from its ledger; `None` when verify never ran (or its
+/// ledger cannot be read).
+pub async fn last_run(repo: &Repository) -> Result<Option<LastVerify>, Error> {
+    let keys = listing(repo, LEDGER_PREFIX, |s| s.list(LEDGER_PREFIX)).await?;
+    let Some(newest) = keys.iter().filter(|k| is_ledger_key(k)).max() else {
+        return Ok(None);
+    };
+    let bytes = match repo.get_small(newest).await {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::Transient => return Err(e),
+        Err(_) => return Ok(None),
+    };
+    Ok(serde_json::from_slice::<Ledger>(&bytes).ok().and_then(|l| {
+        l.result.map(|r| LastVerify {
+            time: l.time.clone(),
+            ..r
+        })
+    }))
 }
 
 /// A recently written object as verified (see [`Ledger::recent`]).
@@ -282,22 +320,23 @@ enum Subject {
 /// One stored WAL segment, as small as a million of them need: its name as numbers, its
 /// stored size and time, and whether it is verified (by the ledger, or read in this run).
 #[derive(Debug, Clone, Copy)]
-struct StoredSegment {
+pub(crate) struct StoredSegment {
     tli: u32,
     num: u64,
     size: u64,
-    modified: SystemTime,
+    /// When the store wrote it (unknown when the listing came from the index).
+    modified: Option<SystemTime>,
     verified: bool,
 }
 
 /// What the listing of `wal/` showed, kept as it streams by: segments compact, the few other
 /// objects whole, and whole copies only of what this run must read or remember.
 #[derive(Debug, Default)]
-struct StoredWal {
+pub(crate) struct StoredWal {
     /// Sorted by timeline and number once the listing is done.
     segments: Vec<StoredSegment>,
     /// WAL files that are not segments (histories, `.partial`, `.backup`), sorted by key.
-    others: Vec<(WalFileName, ObjectInfo)>,
+    pub(crate) others: Vec<(WalFileName, ObjectInfo)>,
     /// Keys under `wal/` that are not a WAL file name of this layout.
     foreign: Vec<ObjectInfo>,
     /// WAL files the ledger does not cover: to read.
@@ -335,11 +374,51 @@ impl StoredWal {
                 tli,
                 num,
                 size: object.size,
-                modified: object.modified,
+                modified: Some(object.modified),
                 verified,
             }),
             None => self.others.push((name, object)),
         }
+    }
+
+    /// The WAL as the index summarises it (`walcore status`): segments without times.
+    pub(crate) fn from_index(dirs: &super::index::WalDirs, history: Vec<ObjectInfo>) -> StoredWal {
+        let mut wal = StoredWal::default();
+        for (tli, logs) in dirs {
+            let Ok(tli) = u32::from_str_radix(tli, 16) else {
+                continue;
+            };
+            for (log, dir) in logs {
+                let Ok(log) = u32::from_str_radix(log, 16) else {
+                    continue;
+                };
+                let mut sizes = dir.sizes.iter();
+                for &(lo, hi) in &dir.segments {
+                    for s in lo..=hi {
+                        wal.segments.push(StoredSegment {
+                            tli,
+                            num: u64::from(log) << 32 | u64::from(s),
+                            size: sizes.next().copied().unwrap_or(0),
+                            modified: None,
+                            verified: false,
+                        });
+                    }
+                }
+            }
+        }
+        for o in history {
+            if let Some(name) = parse_wal_key(&o.key) {
+                wal.others.push((name, o));
+            }
+        }
+        wal.finish()
+    }
+
+    /// The stored segments, by timeline and number.
+    pub(crate) fn segments(&self) -> impl Iterator<Item = (TimelineId, u64, u64)> + '_ {
+        self.segments
+            .iter()
+            .map(|s| (TimelineId(s.tli), s.num, s.size))
     }
 
     fn finish(mut self) -> StoredWal {
@@ -359,7 +438,7 @@ impl StoredWal {
     }
 
     /// The stored segment of this name.
-    fn segment(&self, name: &WalFileName) -> Option<&StoredSegment> {
+    pub(crate) fn segment(&self, name: &WalFileName) -> Option<&StoredSegment> {
         if !name.is_segment() {
             return None;
         }
@@ -711,7 +790,17 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             .collect(),
         None => Vec::new(),
     };
-    let ledger_key = if objects_read > 0 || options.full {
+    // Written by every run, also one that read nothing: `status` shows when verify last ran
+    // and what it found.
+    let result = LastVerify {
+        time: String::new(),
+        full: options.full,
+        backup: options.backup.clone(),
+        objects_read,
+        problems: problems.len(),
+        damage: problems.iter().filter(|p| p.kind.is_damage()).count(),
+    };
+    let ledger_key = {
         let mut runs: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
         for s in wal.segments.iter().filter(|s| s.verified) {
             let list = runs.entry(s.tli).or_default();
@@ -720,16 +809,13 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
                 _ => list.push((s.num, s.num)),
             }
         }
-        write_ledger(
-            repo,
-            runs,
-            verified_keys.into_iter().collect(),
+        let written = Written {
+            segments: runs,
+            keys: verified_keys.into_iter().collect(),
             recent,
-            through,
-        )
-        .await
-    } else {
-        None
+            result,
+        };
+        write_ledger(repo, written, through).await
     };
 
     Ok(VerifyReport {
@@ -981,14 +1067,14 @@ fn serving(path: &TimelineHistory, s: SegmentNo, seg: WalSegmentSize) -> Vec<Wal
 }
 
 /// A run of segments missing or unreadable inside the window, and what it costs.
-struct Gap {
-    keys: Vec<String>,
-    consequence: String,
+pub(crate) struct Gap {
+    pub(crate) keys: Vec<String>,
+    pub(crate) consequence: String,
 }
 
 /// The continuity pass over the restorable window: along the newest timeline's history, from
 /// the oldest backup on it to the newest segment stored on it, every segment must be there.
-fn window_pass(
+pub(crate) fn window_pass(
     records: &[BackupRecord],
     histories: &BTreeMap<TimelineId, TimelineHistory>,
     wal: &StoredWal,
@@ -1038,7 +1124,8 @@ fn window_pass(
         let after = SegmentNo(hi + 1).start_lsn(seg);
         let t1 = wal
             .segment(&serving(&path, SegmentNo(lo.saturating_sub(1)), seg)[0])
-            .map(|s| catalog::format_time(s.modified));
+            .and_then(|s| s.modified)
+            .map(catalog::format_time);
         let from = on_path
             .iter()
             .filter(|r| r.stop_lsn < before)
@@ -1266,6 +1353,15 @@ async fn read_ledger(repo: &Repository) -> Result<Verified, Error> {
     })
 }
 
+/// What a run puts in its ledger.
+struct Written {
+    /// WAL segments verified, per timeline: runs of numbers.
+    segments: BTreeMap<u32, Vec<(u64, u64)>>,
+    keys: Vec<String>,
+    recent: Vec<RecentEntry>,
+    result: LastVerify,
+}
+
 /// Ledger names: `verify/YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX`, like pin events.
 fn is_ledger_key(key: &str) -> bool {
     key.strip_prefix(LEDGER_PREFIX)
@@ -1276,21 +1372,21 @@ fn is_ledger_key(key: &str) -> bool {
 /// ledger that cannot be written costs the next run its reads, nothing else.
 async fn write_ledger(
     repo: &Repository,
-    segments: BTreeMap<u32, Vec<(u64, u64)>>,
-    keys: Vec<String>,
-    recent: Vec<RecentEntry>,
+    written: Written,
     through: Option<SystemTime>,
 ) -> Option<String> {
     let through = through?;
     let ledger = Ledger {
         format_version: 1,
         listed_through: nanos(through),
-        keys,
-        segments: segments
+        keys: written.keys,
+        segments: written
+            .segments
             .into_iter()
             .map(|(t, r)| (format!("{t:08X}"), r))
             .collect(),
-        recent,
+        recent: written.recent,
+        result: Some(written.result),
         time: catalog::format_time(SystemTime::now()),
         created_by: format!("walcore {}", env!("CARGO_PKG_VERSION")),
     };
