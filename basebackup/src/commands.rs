@@ -524,6 +524,20 @@ pub fn verify(global: Global, args: VerifyArgs) -> u8 {
     }
 }
 
+/// Shows the state of the repository (`walcore status`); returns the exit code.
+pub fn status(global: Global) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let report = lifecycle::status::status(&repo).await?;
+        if json {
+            print_json(&report)
+        } else {
+            print!("{report}");
+            Ok(())
+        }
+    })
+}
+
 /// Rebuilds the repository index from the objects alone (`walcore reindex`); returns the exit
 /// code.
 pub fn reindex(global: Global) -> u8 {

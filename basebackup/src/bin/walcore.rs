@@ -51,6 +51,10 @@ enum Operator {
     /// earlier run verified are not read again (--full reads them). Exits 0 when nothing is
     /// wrong, 5 when a restore is affected, 1 when only unreferenced objects were found.
     Verify(commands::VerifyArgs),
+    /// Show the state of the repository: the newest archived segment and backup with their
+    /// ages, the restorable window and any gap in it, the WAL per timeline, the bytes stored,
+    /// and what the last verify found. Reads the index, not every object.
+    Status,
     /// Rebuild the repository index (a cache of the catalog and the pins that keeps list,
     /// show, restore and expire fast) from the objects alone. Never needed for a right answer:
     /// a stale or missing index only costs reads.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
         Operator::Unpin { id } => commands::unpin(args.global, id),
         Operator::Expire(expire) => commands::expire(args.global, expire),
         Operator::Verify(verify) => commands::verify(args.global, verify),
+        Operator::Status => commands::status(args.global),
         Operator::Reindex => commands::reindex(args.global),
     })
 }

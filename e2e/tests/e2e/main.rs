@@ -22,6 +22,7 @@ mod restore_safety;
 mod retention;
 mod scenario;
 mod selftest;
+mod status;
 mod store_conformance;
 mod throughput;
 mod tls;

@@ -1022,7 +1022,7 @@ where
 }
 
 /// The newest full segment stored for `timeline`: the last log directory that holds one.
-async fn newest_segment(
+pub(crate) async fn newest_segment(
     repo: &Repository,
     timeline: TimelineId,
     seg_size: WalSegmentSize,

@@ -388,26 +388,41 @@ pub async fn pin_states(repo: &Repository) -> Result<BTreeMap<String, PinState>,
 /// index cannot see are those inside older directories made behind walcore's back (walcore's
 /// own deletions update it; `verify` and `reindex` list everything and re-anchor it).
 pub async fn wal_objects(repo: &Repository) -> Result<Vec<WalObject>, Error> {
-    let (mut index, keys) = read_newest(repo).await?;
-    let changed = refresh_wal(repo, &mut index).await?;
+    let (wal, history) = wal_summary(repo).await?;
     let mut out = Vec::new();
-    for (tli, dirs) in &index.wal {
+    for (tli, dirs) in &wal {
         for (log, dir) in dirs {
             dir.objects(tli, log, &mut out);
         }
     }
-    let history =
-        crate::backup::plan::listing(repo, "wal/history/", |s| s.list_dir("wal/history/")).await?;
     out.extend(history.into_iter().map(|o| WalObject {
         key: o.key,
         size: o.size,
     }));
     out.sort();
-    if changed {
-        write(repo, index, &keys).await;
-    }
     Ok(out)
 }
+
+/// The WAL as [`wal_objects`] sees it, as the index summarises it (by timeline and log
+/// directory, segments as runs) and without a key per object, and the objects of
+/// `wal/history/`.
+pub async fn wal_summary(repo: &Repository) -> Result<(WalDirs, Vec<ObjectInfo>), Error> {
+    let (mut index, keys) = read_newest(repo).await?;
+    let changed = refresh_wal(repo, &mut index).await?;
+    let history =
+        crate::backup::plan::listing(repo, "wal/history/", |s| s.list_dir("wal/history/")).await?;
+    let wal = if changed {
+        let wal = index.wal.clone();
+        write(repo, index, &keys).await;
+        wal
+    } else {
+        index.wal
+    };
+    Ok((wal, history))
+}
+
+/// The index's WAL part: [`WalDir`]s by timeline, then log directory (8 hex digits each).
+pub type WalDirs = BTreeMap<String, BTreeMap<String, WalDir>>;
 
 /// Timeline directory names: eight upper-case hexadecimal digits.
 pub(crate) fn is_hex8(name: &str) -> bool {
@@ -467,7 +482,7 @@ async fn refresh_wal(repo: &Repository, index: &mut Index) -> Result<bool, Error
 /// Replaces the index's WAL part with what a full listing of `wal/` showed, summarised by
 /// directory (`verify` lists everything anyway): changes made behind walcore's back in older
 /// directories, which the index cannot see by itself, are in it from then on. Best effort.
-pub async fn anchor_wal(repo: &Repository, wal: BTreeMap<String, BTreeMap<String, WalDir>>) {
+pub async fn anchor_wal(repo: &Repository, wal: WalDirs) {
     let Ok((mut index, keys)) = read_newest(repo).await else {
         return;
     };

@@ -12,12 +12,17 @@
 //!   problem with its key, kind and consequence; a ledger in the repository so that a verified
 //!   object is not read again.
 //!
+//! - [`status`]: `walcore status`: the newest archived segment and backup with their ages, the
+//!   restorable window and its gaps, the WAL per timeline, the bytes stored and the last
+//!   verify, all through the index.
+//!
 //! What the policy does not do: list, read or delete objects. The command that executes a plan does
 //! that, and re-plans after each listing rather than trusting an old plan.
 
 pub mod expire;
 pub mod index;
 pub mod policy;
+pub mod status;
 pub mod verify;
 
 pub use policy::{
