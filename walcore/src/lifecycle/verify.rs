@@ -414,6 +414,17 @@ impl StoredWal {
         wal.finish()
     }
 
+    /// The WAL of a whole listing, nothing verified before (tests compare it with the index).
+    #[cfg(test)]
+    pub(crate) fn from_listing(objects: Vec<ObjectInfo>) -> StoredWal {
+        let none = Verified::default();
+        let mut wal = StoredWal::default();
+        for o in objects {
+            wal.add(o, &none);
+        }
+        wal.finish()
+    }
+
     /// The stored segments, by timeline and number.
     pub(crate) fn segments(&self) -> impl Iterator<Item = (TimelineId, u64, u64)> + '_ {
         self.segments
@@ -446,7 +457,7 @@ impl StoredWal {
     }
 
     /// The index's summary of the listing: by timeline and log directory.
-    fn directories(&self) -> BTreeMap<String, BTreeMap<String, super::index::WalDir>> {
+    pub(crate) fn directories(&self) -> BTreeMap<String, BTreeMap<String, super::index::WalDir>> {
         let mut out: BTreeMap<String, BTreeMap<String, super::index::WalDir>> = BTreeMap::new();
         for s in &self.segments {
             out.entry(format!("{:08X}", s.tli))
