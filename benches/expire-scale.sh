@@ -148,13 +148,21 @@ for store in $stores; do
     echo "== $store list ($mode): ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
     rows+=("| $store | list ($mode) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
   done
-  # A restore's plan (the catalog, the histories, the end of the archive) and verify's
+  # A restore's plan (the catalog, the histories, the end of the archive), status, and verify's
   # listing and continuity pass (the builder's ledger says every object was verified, as after
   # a first run, so nothing is read).
   measure restore --dry-run --json -D "$work/restored"
   [ "$status" = 0 ] || { echo "FAILED: restore --dry-run exited $status" >&2; exit 1; }
   echo "== $store restore plan: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
   rows+=("| $store | restore --dry-run | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
+  measure status --json
+  read -r sbackups sgaps < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["backups"], len(r["window"]["gaps"]))' "$work/report.json")
+  [ "$status" = 0 ] && [ "$sbackups" = "$backups" ] && [ "$sgaps" = 0 ] || { echo "FAILED: status exited $status, $sbackups backups, $sgaps gaps" >&2; exit 1; }
+  echo "== $store status: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, requests $requests" >&2
+  rows+=("| $store | status | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
   measure verify --json
   read -r vread vproblems < <(python3 -c '
 import json, sys
