@@ -120,9 +120,19 @@ fn verify_faults(repo: &Repo) {
     let (status, second) = verify(&tool, &[]);
     assert_eq!(status, Some(0), "{second:#}");
     assert_eq!(second["objects_read"], 0, "{second:#}");
+    // Through the index: no full listing, nothing read again, the same window.
+    let (status, indexed) = verify(&tool, &["--index"]);
+    assert_eq!(status, Some(0), "{indexed:#}");
+    assert_eq!(indexed["objects_read"], 0, "{indexed:#}");
+    assert_eq!(indexed["window"], second["window"], "{indexed:#}");
     let newest = next_segment(&src, "y");
     src.wait_archived(&newest, ARCHIVE_WAIT);
     let before: Vec<String> = repo.keys();
+    // The new segment through the index: read once, and again by the next full listing
+    // (an index run cannot vouch for times it never listed).
+    let (status, indexed) = verify(&tool, &["--index"]);
+    assert_eq!(status, Some(0), "{indexed:#}");
+    assert!(indexed["objects_read"].as_u64() >= Some(1), "{indexed:#}");
     let (status, third) = verify(&tool, &[]);
     assert_eq!(status, Some(0), "{third:#}");
     let new_keys = repo
@@ -179,6 +189,10 @@ fn verify_faults(repo: &Repo) {
     let start2 = wal_key(&segment_of(r2["start_lsn"].as_str().expect("start_lsn")));
     repo.remove(&start2);
 
+    // The index sees what walcore can see: the lost segments (the archive's newest
+    // directory is listed again), not the rewrites of objects it verified before.
+    let (status, indexed) = verify(&tool, &["--index"]);
+    assert_eq!(status, Some(5), "damage exits 5:\n{indexed:#}");
     let (status, report) = verify(&tool, &[]);
     assert_eq!(status, Some(5), "damage exits 5:\n{report:#}");
     let expect = |key: &str, kind: &str, consequence: &str| {

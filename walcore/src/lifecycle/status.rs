@@ -145,7 +145,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
     let (dirs, history) = super::index::wal_summary(repo).await?;
     let history_keys: Vec<String> = history.iter().map(|o| o.key.clone()).collect();
     let histories = read_histories(repo, history_keys.iter().map(String::as_str)).await?;
-    let wal = StoredWal::from_index(&dirs, history);
+    let wal = StoredWal::from_index(&dirs, history, None);
     let last_verify = verify::last_run(repo).await?;
 
     let timelines = timelines(&wal, seg);
@@ -444,7 +444,7 @@ mod tests {
         dirs.entry("00000002".into())
             .or_default()
             .insert("00000001".into(), log2);
-        let wal = StoredWal::from_index(&dirs, Vec::new());
+        let wal = StoredWal::from_index(&dirs, Vec::new(), None);
         let t = timelines(&wal, seg);
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].segments, 7);

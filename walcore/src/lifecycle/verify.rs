@@ -46,6 +46,10 @@ pub struct VerifyOptions {
     pub backup: Option<String>,
     /// Draw a progress line (on a terminal).
     pub progress: bool,
+    /// Take the WAL from the index instead of a full listing (`--index`): far fewer requests
+    /// on a large repository, but an object deleted or rewritten behind walcore's back in an
+    /// older WAL directory goes unseen.
+    pub index: bool,
 }
 
 /// What is wrong with an object.
@@ -253,7 +257,7 @@ fn nanos(t: SystemTime) -> String {
 
 /// What the ledger says was verified.
 #[derive(Debug, Default)]
-struct Verified {
+pub(crate) struct Verified {
     through: Option<SystemTime>,
     /// Recently written objects: key, time, tag.
     recent: BTreeMap<String, (String, Option<String>)>,
@@ -381,36 +385,80 @@ impl StoredWal {
         }
     }
 
-    /// The WAL as the index summarises it (`walcore status`): segments without times.
-    pub(crate) fn from_index(dirs: &super::index::WalDirs, history: Vec<ObjectInfo>) -> StoredWal {
+    /// The WAL as the index summarises it (`walcore status`, `verify --index`): segments
+    /// without times. With a ledger, the segments it names count as verified and the others
+    /// are to read.
+    pub(crate) fn from_index(
+        dirs: &super::index::WalDirs,
+        history: Vec<ObjectInfo>,
+        ledger: Option<&Verified>,
+    ) -> StoredWal {
         let mut wal = StoredWal::default();
-        for (tli, logs) in dirs {
-            let Ok(tli) = u32::from_str_radix(tli, 16) else {
+        let none = Verified::default();
+        let ledger = ledger.unwrap_or(&none);
+        for (tli_dir, logs) in dirs {
+            let Ok(tli) = u32::from_str_radix(tli_dir, 16) else {
                 continue;
             };
-            for (log, dir) in logs {
-                let Ok(log) = u32::from_str_radix(log, 16) else {
+            for (log_dir, dir) in logs {
+                let Ok(log) = u32::from_str_radix(log_dir, 16) else {
                     continue;
                 };
                 let mut sizes = dir.sizes.iter();
                 for &(lo, hi) in &dir.segments {
                     for s in lo..=hi {
+                        let num = u64::from(log) << 32 | u64::from(s);
+                        let size = sizes.next().copied().unwrap_or(0);
+                        let verified =
+                            ledger.through.is_some() && ledger.segments.contains(&(tli, num));
+                        if !verified {
+                            wal.unverified.push(ObjectInfo {
+                                key: format!("wal/{tli_dir}/{log_dir}/{tli_dir}{log_dir}{s:08X}"),
+                                size,
+                                modified: SystemTime::UNIX_EPOCH,
+                                etag: None,
+                            });
+                        }
                         wal.segments.push(StoredSegment {
                             tli,
-                            num: u64::from(log) << 32 | u64::from(s),
-                            size: sizes.next().copied().unwrap_or(0),
+                            num,
+                            size,
                             modified: None,
-                            verified: false,
+                            verified,
                         });
+                    }
+                }
+                for (name, size) in &dir.others {
+                    let object = ObjectInfo {
+                        key: format!("wal/{tli_dir}/{log_dir}/{name}"),
+                        size: *size,
+                        modified: SystemTime::UNIX_EPOCH,
+                        etag: None,
+                    };
+                    match parse_wal_key(&object.key) {
+                        Some(name) => {
+                            if !ledger.covers_as(None, &object) {
+                                wal.unverified.push(object.clone());
+                            }
+                            wal.others.push((name, object));
+                        }
+                        None => wal.foreign.push(object),
                     }
                 }
             }
         }
         for o in history {
             if let Some(name) = parse_wal_key(&o.key) {
+                if !ledger.covers_as(None, &o) {
+                    wal.unverified.push(o.clone());
+                }
                 wal.others.push((name, o));
             }
         }
+        // What this view was verified against: the ledger's own listing, never later (the
+        // index cannot tell an object rewritten since).
+        wal.newest = Some(ledger.through.unwrap_or(SystemTime::UNIX_EPOCH));
+        wal.recent.clear();
         wal.finish()
     }
 
@@ -523,12 +571,17 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     } else {
         read_ledger(repo).await?
     });
-    let wal = listing(repo, "wal/", |s| {
-        let ledger = ledger.clone();
-        s.fold_info("wal/", StoredWal::default(), move |w, o| w.add(o, &ledger))
-    })
-    .await?
-    .finish();
+    let wal = if options.index {
+        let (dirs, history) = super::index::wal_summary(repo).await?;
+        StoredWal::from_index(&dirs, history, Some(&ledger))
+    } else {
+        listing(repo, "wal/", |s| {
+            let ledger = ledger.clone();
+            s.fold_info("wal/", StoredWal::default(), move |w, o| w.add(o, &ledger))
+        })
+        .await?
+        .finish()
+    };
     let backups = listing(repo, "backup/", |s| s.list_info("backup/")).await?;
     let cat = catalog::scan(repo).await?;
     let mut problems = Vec::new();
@@ -764,7 +817,7 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
     problems.extend(missing_wal(consequences));
     problems.sort_by(|a, b| a.key.cmp(&b.key).then(a.kind.cmp(&b.kind)));
 
-    if options.backup.is_none() {
+    if options.backup.is_none() && !options.index {
         super::index::anchor_wal(repo, wal.directories()).await;
     }
 
@@ -777,16 +830,21 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
         }
     }
     verified_keys.extend(cat.records.iter().map(|r| catalog::catalog_key(&r.id)));
-    let through = wal
-        .newest
-        .into_iter()
-        .chain(backups.iter().map(|o| o.modified))
-        .max();
+    // Through the index, the ledger keeps the time of the last full listing: what it covers
+    // is no more than what that listing and the reads since have shown.
+    let through = if options.index {
+        wal.newest
+    } else {
+        wal.newest
+            .into_iter()
+            .chain(backups.iter().map(|o| o.modified))
+            .max()
+    };
     let is_verified = |o: &ObjectInfo| match segment_number(&o.key) {
         Some(n) => wal.position(n).is_some_and(|i| wal.segments[i].verified),
         None => verified_keys.contains(&o.key),
     };
-    let recent: Vec<RecentEntry> = match through {
+    let mut recent: Vec<RecentEntry> = match through {
         Some(t) => wal
             .recent
             .iter()
@@ -801,6 +859,21 @@ pub async fn verify(repo: &Repository, options: &VerifyOptions) -> Result<Verify
             .collect(),
         None => Vec::new(),
     };
+    if options.index {
+        // The WAL was not listed: the old ledger's recent WAL entries stand as they were.
+        let listed: BTreeSet<String> = recent.iter().map(|r| r.key.clone()).collect();
+        recent.extend(
+            ledger
+                .recent
+                .iter()
+                .filter(|(key, _)| key.starts_with("wal/") && !listed.contains(*key))
+                .map(|(key, (modified, etag))| RecentEntry {
+                    key: key.clone(),
+                    modified: modified.clone(),
+                    etag: etag.clone(),
+                }),
+        );
+    }
     // Written by every run, also one that read nothing: `status` shows when verify last ran
     // and what it found.
     let result = LastVerify {

@@ -330,7 +330,7 @@ proptest! {
                 held.values_mut().for_each(|logs| logs.retain(|_, d| *d != WalDir::default()));
                 held.retain(|_, logs| !logs.is_empty());
                 prop_assert_eq!(&from_listing.directories(), &held, "after {:?}", op);
-                let from_index = crate::lifecycle::verify::StoredWal::from_index(&dirs, history);
+                let from_index = crate::lifecycle::verify::StoredWal::from_index(&dirs, history, None);
                 prop_assert_eq!(
                     from_index.segments().collect::<Vec<_>>(),
                     from_listing.segments().collect::<Vec<_>>(),
