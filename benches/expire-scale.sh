@@ -171,6 +171,15 @@ print(r["objects_read"], len(r["problems"]))' "$work/report.json")
   [ "$status" = 0 ] && [ "$vproblems" = 0 ] || { echo "FAILED: verify exited $status with $vproblems problems" >&2; exit 1; }
   echo "== $store verify: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, read $vread objects, requests $requests" >&2
   rows+=("| $store | verify (continuity; $vread read) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
+  # The same through the index (no listing of wal/), as a daily run on a large store would.
+  measure verify --index --json
+  read -r vread vproblems < <(python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(r["objects_read"], len(r["problems"]))' "$work/report.json")
+  [ "$status" = 0 ] && [ "$vproblems" = 0 ] || { echo "FAILED: verify --index exited $status with $vproblems problems" >&2; exit 1; }
+  echo "== $store verify --index: ${wall}s (CPU ${cpu}s), peak RSS $((rss_kib / 1024)) MiB, read $vread objects, requests $requests" >&2
+  rows+=("| $store | verify --index ($vread read) | $before | 0 | $wall | $cpu | $((rss_kib / 1024)) | $requests | - |")
   before=$(objects "$store")
 
   for mode in dry-run expire; do
