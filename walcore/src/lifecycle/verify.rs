@@ -394,6 +394,8 @@ impl StoredWal {
         ledger: Option<&Verified>,
     ) -> StoredWal {
         let mut wal = StoredWal::default();
+        // Without a ledger (status) nothing is to read: no whole entry is kept per segment.
+        let reading = ledger.is_some();
         let none = Verified::default();
         let ledger = ledger.unwrap_or(&none);
         for (tli_dir, logs) in dirs {
@@ -411,7 +413,7 @@ impl StoredWal {
                         let size = sizes.next().copied().unwrap_or(0);
                         let verified =
                             ledger.through.is_some() && ledger.segments.contains(&(tli, num));
-                        if !verified {
+                        if reading && !verified {
                             wal.unverified.push(ObjectInfo {
                                 key: format!("wal/{tli_dir}/{log_dir}/{tli_dir}{log_dir}{s:08X}"),
                                 size,
@@ -437,7 +439,7 @@ impl StoredWal {
                     };
                     match parse_wal_key(&object.key) {
                         Some(name) => {
-                            if !ledger.covers_as(None, &object) {
+                            if reading && !ledger.covers_as(None, &object) {
                                 wal.unverified.push(object.clone());
                             }
                             wal.others.push((name, object));
@@ -449,7 +451,7 @@ impl StoredWal {
         }
         for o in history {
             if let Some(name) = parse_wal_key(&o.key) {
-                if !ledger.covers_as(None, &o) {
+                if reading && !ledger.covers_as(None, &o) {
                     wal.unverified.push(o.clone());
                 }
                 wal.others.push((name, o));
