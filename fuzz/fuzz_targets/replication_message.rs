@@ -5,7 +5,8 @@
 //! partial message or an error consumes nothing. The messages then go through the base backup
 //! layer: every CopyData payload parses as a BASE_BACKUP sub-message or fails cleanly (and
 //! re-encodes exactly when it parses), and the BASE_BACKUP decoder, fed the whole sequence,
-//! never panics and is done after its first error.
+//! never panics and is done after its first error. Every CopyData payload also goes through
+//! the WAL stream parser of `START_REPLICATION`.
 //!
 //! The same property runs over `corpus/replication_message/` in walcore's tests
 //! (`replication::corpus`).

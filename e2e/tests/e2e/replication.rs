@@ -776,3 +776,224 @@ fn extract(tar: &[u8], into: &std::path::Path, file: std::path::PathBuf) {
             .arg(into),
     );
 }
+
+/// A physical slot made with RESERVE_WAL holds WAL before a byte is streamed; START_REPLICATION
+/// from the slot gives the server's WAL byte for byte (compared with the segment file in
+/// `pg_wal`), keepalives get a status update, and the slot's `restart_lsn` follows
+/// the flush position the client reports, not what it received: a client that reports only
+/// what is durable never lets the server drop WAL it lacks.
+#[test]
+fn streamed_wal_is_the_servers_own_and_the_slot_follows_the_flush_position() {
+    use walcore::replication::stream::{ServerMessage, StatusUpdate, StreamEvent, pg_time};
+    const SEG: u64 = 16 * 1024 * 1024;
+    let cluster = Cluster::new();
+    cluster.start();
+    cluster.psql("create table streamed (x int)");
+    let slot_lsn = |c: &Cluster| {
+        lsn(&c.psql(
+            "select restart_lsn from pg_replication_slots where slot_name = 'walcore_stream_test'",
+        ))
+    };
+    let (received, seg_start, segment_name, reported) = block_on(async {
+        let mut conn = connect(&config(&cluster, "user=postgres"))
+            .await
+            .expect("connection");
+        conn.create_physical_slot("walcore_stream_test")
+            .await
+            .expect("CREATE_REPLICATION_SLOT");
+        // The slot holds WAL from the moment it exists, before anything streams, and
+        // READ_REPLICATION_SLOT says where, as pg_replication_slots does.
+        let held = slot_lsn(&cluster);
+        let read = conn
+            .read_replication_slot("walcore_stream_test")
+            .await
+            .expect("READ_REPLICATION_SLOT");
+        assert_eq!(read, Some((held, Some(TimelineId(1)))));
+        assert_eq!(
+            conn.read_replication_slot("no_such_slot")
+                .await
+                .expect("READ_REPLICATION_SLOT"),
+            None
+        );
+        let bad = conn.create_physical_slot("Bad-Name").await;
+        assert!(
+            bad.as_ref()
+                .is_err_and(|e| e.to_string().contains("slot name")),
+            "{bad:?}"
+        );
+        let info = conn.identify_system().await.expect("IDENTIFY_SYSTEM");
+        let seg_start = Lsn(held.0 - held.0 % SEG);
+        let started = conn
+            .start_replication(Some("walcore_stream_test"), seg_start, info.timeline)
+            .await
+            .expect("START_REPLICATION");
+        assert_eq!(started, None, "the current timeline streams");
+        cluster.psql("insert into streamed select generate_series(1, 5000)");
+        cluster.switch_wal();
+        let segno = seg_start.0 / SEG;
+        let segment_name = format!(
+            "{:08X}{:08X}{:08X}",
+            info.timeline.0,
+            segno >> 8,
+            segno & 0xFF
+        );
+        let mut received: Vec<u8> = Vec::new();
+        let mut next = seg_start;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (received.len() as u64) < SEG {
+            assert!(Instant::now() < deadline, "the segment did not arrive");
+            match conn
+                .recv_stream(Duration::from_secs(30))
+                .await
+                .expect("stream")
+            {
+                StreamEvent::Message(ServerMessage::XLogData { start, data, .. }) => {
+                    assert_eq!(start, next, "WAL arrives in order, without holes");
+                    next = Lsn(next.0 + data.len() as u64);
+                    received.extend_from_slice(&data);
+                }
+                StreamEvent::Message(ServerMessage::Keepalive { .. }) => {
+                    // Received, but nothing durable yet: flush stays at the start.
+                    conn.send_status(&StatusUpdate {
+                        write: next,
+                        flush: seg_start,
+                        apply: seg_start,
+                        sent_at: pg_time(std::time::SystemTime::now()),
+                        reply_requested: false,
+                    })
+                    .await
+                    .expect("status update");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        received.truncate(SEG as usize);
+        // Received well past the segment, flushed nothing: the slot has not moved.
+        assert_eq!(
+            slot_lsn(&cluster),
+            held,
+            "the slot moved without a flush report"
+        );
+        // Now the segment is "durable": the slot follows to its end.
+        let flushed = Lsn(seg_start.0 + SEG);
+        conn.send_status(&StatusUpdate {
+            write: next,
+            flush: flushed,
+            apply: flushed,
+            sent_at: pg_time(std::time::SystemTime::now()),
+            reply_requested: true,
+        })
+        .await
+        .expect("status update");
+        let mut reported = slot_lsn(&cluster);
+        let until = Instant::now() + Duration::from_secs(30);
+        while reported != flushed && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            reported = slot_lsn(&cluster);
+        }
+        (received, seg_start, segment_name, reported)
+    });
+    assert_eq!(
+        reported,
+        Lsn(seg_start.0 + SEG),
+        "the slot follows the reported flush position"
+    );
+    let file = std::fs::read(cluster.data.join("pg_wal").join(&segment_name))
+        .expect("the segment is still in pg_wal (the slot holds it)");
+    assert_eq!(file.len(), received.len());
+    assert!(
+        file == received,
+        "streamed bytes differ from {segment_name} in pg_wal"
+    );
+}
+
+/// Streaming a timeline the server has left (a promoted standby, asked for timeline 1): the
+/// WAL arrives up to the switch point exactly, then the server ends the stream and names the
+/// next timeline and where it starts, and the connection takes the next command.
+#[test]
+fn a_stream_of_an_old_timeline_ends_at_the_switch_and_names_the_next() {
+    use walcore::replication::stream::{ServerMessage, StreamEvent};
+    const SEG: u64 = 16 * 1024 * 1024;
+    let primary = Cluster::new();
+    // No archiving: pg_basebackup would wait for it.
+    primary.set("archive_mode", "off");
+    primary.start();
+    primary.psql("create table before_switch (x int)");
+    let backup = primary.base_backup();
+    let standby = Cluster::from_backup(&backup);
+    standby.set(
+        "primary_conninfo",
+        &format!("host={} port=5432 user=postgres", primary.sock.display()),
+    );
+    std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
+    standby.start();
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    let history = std::fs::read_to_string(standby.data.join("pg_wal/00000002.history"))
+        .expect("the promotion wrote 00000002.history");
+    let switch = lsn(history
+        .lines()
+        .next()
+        .and_then(|l| l.split('\t').nth(1))
+        .expect("a history line"));
+
+    let (ended, next, info) = block_on(async {
+        let mut conn = connect(&config(&standby, "user=postgres"))
+            .await
+            .expect("connection");
+        // Asked at the switch point itself: nothing to stream, the next timeline at once.
+        let at_end = conn
+            .start_replication(None, switch, TimelineId(1))
+            .await
+            .expect("START_REPLICATION at the end of timeline 1");
+        assert_eq!(
+            at_end,
+            Some(StreamEvent::TimelineEnded {
+                next_timeline: TimelineId(2),
+                start: switch
+            })
+        );
+        // From the start of the segment that holds the last byte of timeline 1.
+        let start = Lsn((switch.0 - 1) / SEG * SEG);
+        let started = conn
+            .start_replication(None, start, TimelineId(1))
+            .await
+            .expect("START_REPLICATION on timeline 1");
+        assert_eq!(
+            started, None,
+            "timeline 1 streams from {start} (switch at {switch})"
+        );
+        let mut next = start;
+        let ended = loop {
+            match conn
+                .recv_stream(Duration::from_secs(30))
+                .await
+                .expect("stream")
+            {
+                StreamEvent::Message(ServerMessage::XLogData { start, data, .. }) => {
+                    assert_eq!(start, next, "WAL in order");
+                    next = Lsn(next.0 + data.len() as u64);
+                }
+                StreamEvent::Message(ServerMessage::Keepalive { .. }) => {}
+                end @ StreamEvent::TimelineEnded { .. } => break end,
+            }
+        };
+        // The connection is usable again.
+        let info = conn
+            .identify_system()
+            .await
+            .expect("IDENTIFY_SYSTEM after the stream");
+        (ended, next, info)
+    });
+    assert_eq!(
+        ended,
+        StreamEvent::TimelineEnded {
+            next_timeline: TimelineId(2),
+            start: switch
+        }
+    );
+    assert_eq!(
+        next, switch,
+        "timeline 1 streamed up to the switch point exactly"
+    );
+    assert_eq!(info.timeline, TimelineId(2));
+}

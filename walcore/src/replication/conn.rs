@@ -497,6 +497,17 @@ impl ReplicationConnection {
         self.broken = true;
     }
 
+    /// Sends bytes already framed as messages (CopyData, CopyDone).
+    pub(crate) async fn send_raw(
+        &mut self,
+        frames: &[u8],
+        doing: &str,
+    ) -> Result<(), ReplicationError> {
+        self.check_usable()?;
+        self.write.extend_from_slice(frames);
+        self.flush(doing).await
+    }
+
     /// Sends a Query message.
     pub(crate) async fn send_query(
         &mut self,

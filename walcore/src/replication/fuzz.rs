@@ -11,6 +11,20 @@ use super::message::{BackendMessage, BytesMut, HEADER_LEN, parse_backend, take_b
 pub fn replication_message_property(data: &[u8]) {
     let messages = message_stream_property(data);
     base_backup_property(&messages);
+    wal_stream_property(&messages);
+}
+
+/// The streaming half: every CopyData payload parses as a WAL stream message or fails
+/// cleanly, and WAL data keeps every byte after its 25-byte header.
+pub fn wal_stream_property(messages: &[BackendMessage]) {
+    use super::stream::{ServerMessage, parse_server};
+    for m in messages {
+        if let BackendMessage::CopyData(payload) = m
+            && let Ok(ServerMessage::XLogData { data, .. }) = parse_server(payload.clone())
+        {
+            assert_eq!(data.len() + 25, payload.len());
+        }
+    }
 }
 
 /// The message half of the property: parse messages one after

@@ -17,10 +17,13 @@
 //!   certificates, `simple_query`, `IDENTIFY_SYSTEM`, a time limit on every wait.
 //! - [`basebackup`]: `BASE_BACKUP` on PostgreSQL 13+ (the 13/14 reply and the 15+ one give the
 //!   same events), as a sans-IO decoder and an event stream.
+//! - [`stream`]: physical streaming replication: `CREATE_REPLICATION_SLOT … RESERVE_WAL`,
+//!   `START_REPLICATION`, the WAL and keepalive messages, standby status updates, and the end
+//!   of a timeline.
 //!
 //! What it does not do yet: GSSAPI/SSPI, SCRAM channel binding (also over TLS), encrypted client
 //! keys (`sslpassword`), base backups from servers before PostgreSQL 13 (refused with a clear
-//! error), `START_REPLICATION` (the parser already reads its `CopyBothResponse`).
+//! error).
 
 pub mod basebackup;
 pub mod conn;
@@ -29,6 +32,7 @@ mod error;
 pub mod fuzz;
 pub mod message;
 pub mod pgpass;
+pub mod stream;
 
 #[cfg(test)]
 mod corpus;
