@@ -395,6 +395,20 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Expire
 
     // 4. WAL, last.
     delete(repo, "expired WAL", &sweep.delete).await?;
+    // The log directories this emptied (a file system keeps them; an object store has none).
+    // Nothing archives into them: all they held was older than every kept backup's start.
+    let emptied: BTreeSet<&str> = sweep
+        .delete
+        .iter()
+        .filter_map(|k| k.rsplit_once('/').map(|(dir, _)| dir))
+        .filter(|dir| dir.matches('/').count() == 2)
+        .collect();
+    let local = matches!(repo.store(), crate::store::Store::Local(_));
+    for dir in emptied.into_iter().filter(|_| local) {
+        if repo.store().list_dir(dir).await.is_ok_and(|o| o.is_empty()) {
+            prune(repo, &format!("{dir}/")).await;
+        }
+    }
     super::index::forget_wal(repo, &sweep.delete).await;
     report.deleted.wal_objects = sweep.delete.len();
     report.deleted.bytes += report.wal.delete_bytes;

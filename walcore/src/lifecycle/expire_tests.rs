@@ -347,3 +347,44 @@ async fn a_take_swept_while_stalled_cannot_record_its_backup() {
     assert!(listing.unreadable.is_empty());
     assert_eq!(listing.tombstones, vec![id.to_string()]);
 }
+
+/// A log directory whose every segment expired goes too, on a file system; the directory
+/// that still holds kept WAL stays, and the index forgets the one that went.
+#[tokio::test]
+async fn a_log_directory_left_empty_by_expiry_is_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = setup(dir.path()).await;
+    for segno in 256..=262 {
+        put(&repo, &segment_key(1, segno)).await;
+    }
+    commit(
+        &repo,
+        record(
+            "20261130T120000Z-0004",
+            257,
+            258,
+            "2026-11-30T12:10:00.000Z",
+        ),
+    )
+    .await;
+    let done = expire(&repo, &ExpireOptions::new(policy_last(1), now()))
+        .await
+        .expect("expire");
+    assert_eq!(done.deleted.wal_objects, 21, "segments 1..=20 and 256 go");
+    assert!(
+        !dir.path().join("wal/00000001/00000000").exists(),
+        "the emptied log directory is left"
+    );
+    assert_eq!(
+        wal_segments(&keys(&repo).await, 1),
+        (257..=262).collect::<Vec<_>>()
+    );
+    let (dirs, _) = crate::lifecycle::index::wal_summary(&repo)
+        .await
+        .expect("index");
+    assert_eq!(
+        dirs.get("00000001")
+            .map(|logs| logs.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["00000001".to_string()])
+    );
+}
