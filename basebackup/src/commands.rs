@@ -531,6 +531,34 @@ pub fn verify(global: Global, args: VerifyArgs) -> u8 {
     }
 }
 
+/// The flags of `walcore stream`.
+#[derive(Debug, clap::Args)]
+pub struct StreamArgs {
+    /// Connection string or URL (libpq style); PGHOST, PGPORT, PGUSER, PGPASSWORD, PGPASSFILE
+    /// and ~/.pgpass fill in the rest. application_name defaults to walcore.
+    #[arg(short = 'd', long, default_value = "")]
+    dbname: String,
+    /// The physical replication slot; created, reserving WAL, when absent.
+    #[arg(long, default_value = "walcore")]
+    slot: String,
+    /// Start at the slot even when WAL between the repository's newest segment and the slot
+    /// is gone from the server (recovery cannot pass that hole).
+    #[arg(long)]
+    accept_hole: bool,
+}
+
+/// Streams WAL into the repository (`walcore stream`) until an error waiting cannot cure;
+/// returns the exit code.
+pub fn stream(global: Global, args: StreamArgs) -> u8 {
+    let (flags, json) = flags(global);
+    let spool = std::env::temp_dir().join(format!("walcore-stream-{}", std::process::id()));
+    let mut options = walcore::ops::stream::StreamOptions::new(args.dbname, args.slot, spool);
+    options.accept_hole = args.accept_hole;
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        walcore::ops::stream::stream(&repo, &options).await
+    })
+}
+
 /// Shows the state of the repository (`walcore status`); returns the exit code.
 pub fn status(global: Global) -> u8 {
     let (flags, json) = flags(global);

@@ -51,6 +51,10 @@ enum Operator {
     /// earlier run verified are not read again (--full reads them). Exits 0 when nothing is
     /// wrong, 5 when a restore is affected, 1 when only unreferenced objects were found.
     Verify(commands::VerifyArgs),
+    /// Stream WAL from the server into the repository over a physical replication slot, as a
+    /// long-running service beside archive_command: each completed segment is stored as
+    /// walcore-archive stores it, and only then reported to the server as flushed.
+    Stream(commands::StreamArgs),
     /// Show the state of the repository: the newest archived segment and backup with their
     /// ages, the restorable window and any gap in it, the WAL per timeline, the bytes stored,
     /// and what the last verify found. Reads the index, not every object.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Operator::Expire(expire) => commands::expire(args.global, expire),
         Operator::Verify(verify) => commands::verify(args.global, verify),
         Operator::Status => commands::status(args.global),
+        Operator::Stream(stream) => commands::stream(args.global, stream),
         Operator::Reindex => commands::reindex(args.global),
     })
 }

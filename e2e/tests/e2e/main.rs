@@ -24,6 +24,7 @@ mod scenario;
 mod selftest;
 mod status;
 mod store_conformance;
+mod stream;
 mod throughput;
 mod tls;
 mod verify;

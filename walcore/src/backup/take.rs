@@ -186,7 +186,7 @@ async fn join(task: JoinHandle<Result<ObjectEntry, Error>>) -> Result<ObjectEntr
 }
 
 /// `wal_segment_size` as `SHOW` prints it (`16MB`, `1GB`, or plain bytes).
-fn parse_segment_size(text: &str) -> Result<WalSegmentSize, Error> {
+pub(crate) fn parse_segment_size(text: &str) -> Result<WalSegmentSize, Error> {
     let bytes = crate::config::parse_bytes(text).map_err(|e| {
         Error::new(
             ErrorKind::InvalidInput,
@@ -204,7 +204,7 @@ fn parse_segment_size(text: &str) -> Result<WalSegmentSize, Error> {
 
 /// The repository's metadata, checked against (or, in a repository nothing was archived to
 /// yet, made from) the server's identity. Nothing else is written before this check.
-async fn check_cluster(
+pub(crate) async fn check_cluster(
     repo: &Repository,
     server: &str,
     system: &SystemInfo,

@@ -5,6 +5,7 @@ pub mod lookahead;
 pub mod prefetch;
 pub mod restore;
 pub mod spool;
+pub mod stream;
 
 #[cfg(test)]
 pub(crate) mod testing;
