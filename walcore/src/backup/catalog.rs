@@ -395,7 +395,18 @@ pub async fn list(repo: &Repository) -> Result<Vec<BackupRecord>, Error> {
     for e in &listing.unreadable {
         tracing::warn!("skipping a catalog record: {e:#}");
     }
-    Ok(listing.records)
+    let mut records = listing.records;
+    oldest_first(&mut records);
+    Ok(records)
+}
+
+/// Sorts records by when they started, to the millisecond: an ID names its second only, and
+/// two takes started in the same second would otherwise follow their random suffixes.
+pub fn oldest_first(records: &mut [BackupRecord]) {
+    records.sort_by(|a, b| {
+        let at = |r: &BackupRecord| r.start().ok();
+        at(a).cmp(&at(b)).then_with(|| a.id.cmp(&b.id))
+    });
 }
 
 /// Writes `record` create-only: from this moment the backup exists.
@@ -708,5 +719,33 @@ mod tests {
     fn times_are_rfc3339_utc() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
         assert_eq!(format_time(t), "2023-11-14T22:13:20.123Z");
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+
+    /// Two takes started in the same second: their IDs share the second, and the random
+    /// suffix must not decide which is listed first.
+    #[test]
+    fn backups_of_the_same_second_are_listed_in_the_order_they_started() {
+        let mut later = sample_record("20261205T131329Z-315e", "1");
+        later.start_time = "2026-12-05T13:13:29.800Z".into();
+        let mut earlier = sample_record("20261205T131329Z-b3a2", "1");
+        earlier.start_time = "2026-12-05T13:13:29.100Z".into();
+        let mut oldest = sample_record("20261205T131328Z-50d4", "1");
+        oldest.start_time = "2026-12-05T13:13:28.500Z".into();
+        let mut records = vec![later, oldest, earlier];
+        oldest_first(&mut records);
+        let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "20261205T131328Z-50d4",
+                "20261205T131329Z-b3a2",
+                "20261205T131329Z-315e"
+            ]
+        );
     }
 }

@@ -185,8 +185,26 @@ async fn join(task: JoinHandle<Result<ObjectEntry, Error>>) -> Result<ObjectEntr
         .map_err(|e| Error::new(ErrorKind::Internal, format!("an upload task failed: {e}")))?
 }
 
+/// The server's `wal_segment_size`.
+pub(crate) async fn server_segment_size(
+    conn: &mut ReplicationConnection,
+) -> Result<WalSegmentSize, Error> {
+    let text = conn
+        .simple_query("SHOW wal_segment_size")
+        .await?
+        .first()
+        .and_then(|r| r.raw(0).map(|v| String::from_utf8_lossy(v).into_owned()))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} did not answer SHOW wal_segment_size", conn.server()),
+            )
+        })?;
+    parse_segment_size(&text)
+}
+
 /// `wal_segment_size` as `SHOW` prints it (`16MB`, `1GB`, or plain bytes).
-pub(crate) fn parse_segment_size(text: &str) -> Result<WalSegmentSize, Error> {
+fn parse_segment_size(text: &str) -> Result<WalSegmentSize, Error> {
     let bytes = crate::config::parse_bytes(text).map_err(|e| {
         Error::new(
             ErrorKind::InvalidInput,
@@ -277,18 +295,7 @@ pub async fn take(repo: &Repository, options: &TakeOptions) -> Result<BackupReco
     let system = conn.identify_system().await?;
     let version_num = conn.server_version_num().unwrap_or(0);
     let version = conn.server_version().unwrap_or("unknown").to_owned();
-    let seg_text = conn
-        .simple_query("SHOW wal_segment_size")
-        .await?
-        .first()
-        .and_then(|r| r.raw(0).map(|v| String::from_utf8_lossy(v).into_owned()))
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("{server} did not answer SHOW wal_segment_size"),
-            )
-        })?;
-    let seg_size = parse_segment_size(&seg_text)?;
+    let seg_size = server_segment_size(&mut conn).await?;
     check_cluster(repo, &server, &system, version_num, seg_size).await?;
 
     let start_time = SystemTime::now();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Buf;
 
 use crate::backup::plan::newest_segment;
-use crate::backup::take::{check_cluster, parse_segment_size};
+use crate::backup::take::{check_cluster, server_segment_size};
 use crate::error::{Error, ErrorKind};
 use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegmentSize};
 use crate::replication::stream::{ServerMessage, StatusUpdate, StreamEvent, pg_time};
@@ -126,18 +126,7 @@ async fn session(
     let server = conn.server().to_owned();
     let system = conn.identify_system().await?;
     let version_num = conn.server_version_num().unwrap_or(0);
-    let seg_text = conn
-        .simple_query("SHOW wal_segment_size")
-        .await?
-        .first()
-        .and_then(|r| r.raw(0).map(|v| String::from_utf8_lossy(v).into_owned()))
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("{server} did not answer SHOW wal_segment_size"),
-            )
-        })?;
-    let seg = parse_segment_size(&seg_text)?;
+    let seg = server_segment_size(&mut conn).await?;
     check_cluster(repo, &server, &system, version_num, seg).await?;
 
     // The slot, reserving WAL, before anything streams.
