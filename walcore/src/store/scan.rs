@@ -20,6 +20,17 @@ pub struct ObjectInfo {
     pub etag: Option<String>,
 }
 
+impl From<object_store::ObjectMeta> for ObjectInfo {
+    fn from(meta: object_store::ObjectMeta) -> ObjectInfo {
+        ObjectInfo {
+            key: meta.location.to_string(),
+            size: meta.size,
+            modified: meta.last_modified.into(),
+            etag: meta.e_tag,
+        }
+    }
+}
+
 /// One level of the key space under a prefix: the child "directories" and the objects.
 #[derive(Debug, Default)]
 struct Level {
@@ -41,30 +52,9 @@ impl Store {
     /// Every object under `prefix` (at any depth) with its size and time, sorted by key: one
     /// paged listing on an object store, a directory walk on a file system.
     pub async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let mut out = match self {
-            Store::Local(l) => {
-                let root = l.root().to_path_buf();
-                let prefix = prefix.trim_end_matches('/').to_owned();
-                super::blocking(move || walk(&root, &prefix)).await??
-            }
-            Store::Remote(r) => {
-                use futures::StreamExt;
-                let path = object_store::path::Path::from(prefix.trim_end_matches('/'));
-                let mut stream = r.object_store().list(Some(&path));
-                let mut out = Vec::new();
-                while let Some(meta) = stream.next().await {
-                    progress::tick();
-                    let meta = meta.map_err(super::remote::map_error)?;
-                    out.push(ObjectInfo {
-                        key: meta.location.to_string(),
-                        size: meta.size,
-                        modified: meta.last_modified.into(),
-                        etag: meta.e_tag,
-                    });
-                }
-                out
-            }
-        };
+        let mut out = self
+            .fold_info(prefix, Vec::new(), |out, o| out.push(o))
+            .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -95,15 +85,7 @@ impl Store {
                 while let Some(meta) = stream.next().await {
                     progress::tick();
                     let meta = meta.map_err(super::remote::map_error)?;
-                    visit(
-                        &mut state,
-                        ObjectInfo {
-                            key: meta.location.to_string(),
-                            size: meta.size,
-                            modified: meta.last_modified.into(),
-                            etag: meta.e_tag,
-                        },
-                    );
+                    visit(&mut state, ObjectInfo::from(meta));
                 }
                 Ok(state)
             }
@@ -194,16 +176,7 @@ impl Store {
                         .iter()
                         .filter_map(|p| p.filename().map(str::to_owned))
                         .collect(),
-                    objects: listed
-                        .objects
-                        .into_iter()
-                        .map(|m| ObjectInfo {
-                            key: m.location.to_string(),
-                            size: m.size,
-                            modified: m.last_modified.into(),
-                            etag: m.e_tag,
-                        })
-                        .collect(),
+                    objects: listed.objects.into_iter().map(ObjectInfo::from).collect(),
                 }
             }
         };
@@ -240,14 +213,8 @@ fn read_level(root: &std::path::Path, prefix: &str) -> Result<Level, StoreError>
     Ok(level)
 }
 
-/// Every object below directory `prefix` of a local store; an absent directory has none.
-fn walk(root: &std::path::Path, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-    let mut out = Vec::new();
-    walk_each(root, prefix, |o| out.push(o))?;
-    Ok(out)
-}
-
-/// [`walk`], handing each object to `visit` as its directory is read.
+/// Every object below directory `prefix` of a local store, handed to `visit` as its
+/// directory is read; an absent directory has none.
 fn walk_each(
     root: &std::path::Path,
     prefix: &str,
