@@ -211,44 +211,50 @@ fn age(now: SystemTime, then: SystemTime) -> u64 {
 
 /// Each timeline's segments: how many, the first and last, the holes between.
 fn timelines(wal: &StoredWal, seg: WalSegmentSize) -> Vec<TimelineWal> {
-    let per_id = seg.segments_per_xlog_id();
-    let name = |tli: TimelineId, num: u64| {
-        let segno = (num >> 32) * per_id + (num & u64::from(u32::MAX));
+    let name = |tli: TimelineId, segno: u64| {
         WalFileName::segment(tli, crate::pg::SegmentNo(segno), seg).to_string()
     };
     let mut out: Vec<TimelineWal> = Vec::new();
+    // The timeline and segment seen last; a timeline's `last` name is written when it ends.
     let mut last: Option<(TimelineId, u64)> = None;
     for (tli, num, size) in wal.segments() {
-        let segno = (num >> 32) * per_id + (num & u64::from(u32::MAX));
+        let Some(crate::pg::SegmentNo(segno)) = verify::segno_of(num, seg) else {
+            continue;
+        };
         match (out.last_mut(), last) {
             (Some(t), Some((prev_tli, prev))) if prev_tli == tli => {
                 if segno > prev + 1 {
                     t.holes_total += 1;
                     if t.holes.len() < HOLES_SHOWN {
-                        let first = crate::pg::SegmentNo(prev + 1);
-                        let last = crate::pg::SegmentNo(segno - 1);
                         t.holes.push(Hole {
-                            first: WalFileName::segment(tli, first, seg).to_string(),
-                            last: WalFileName::segment(tli, last, seg).to_string(),
+                            first: name(tli, prev + 1),
+                            last: name(tli, segno - 1),
                             segments: segno - prev - 1,
                         });
                     }
                 }
                 t.segments += 1;
                 t.bytes += size;
-                t.last = name(tli, num);
             }
-            _ => out.push(TimelineWal {
-                timeline: tli.0,
-                segments: 1,
-                first: name(tli, num),
-                last: name(tli, num),
-                bytes: size,
-                holes: Vec::new(),
-                holes_total: 0,
-            }),
+            (ended, _) => {
+                if let (Some(t), Some((prev_tli, prev))) = (ended, last) {
+                    t.last = name(prev_tli, prev);
+                }
+                out.push(TimelineWal {
+                    timeline: tli.0,
+                    segments: 1,
+                    first: name(tli, segno),
+                    last: String::new(),
+                    bytes: size,
+                    holes: Vec::new(),
+                    holes_total: 0,
+                });
+            }
         }
         last = Some((tli, segno));
+    }
+    if let (Some(t), Some((tli, segno))) = (out.last_mut(), last) {
+        t.last = name(tli, segno);
     }
     out
 }

@@ -305,6 +305,14 @@ fn segment_number(key: &str) -> Option<(u32, u64)> {
         .map(|n| number_of(&n))
 }
 
+/// The segment a 64-bit name number denotes under `seg` (`XLogFromFileName`); `None` for a
+/// number past the segments one log id holds (no PostgreSQL writes such a name).
+pub(crate) fn segno_of(num: u64, seg: WalSegmentSize) -> Option<SegmentNo> {
+    let per_id = seg.segments_per_xlog_id();
+    let (log, id) = (num >> 32, num & u64::from(u32::MAX));
+    (id < per_id).then(|| SegmentNo(log * per_id + id))
+}
+
 /// The timeline and 64-bit name number of a WAL file name.
 fn number_of(name: &WalFileName) -> (u32, u64) {
     (
@@ -1189,9 +1197,7 @@ pub(crate) fn window_pass(
         .segments
         .iter()
         .filter_map(|s| {
-            let per_id = seg.segments_per_xlog_id();
-            let (log, id) = (s.num >> 32, s.num & u64::from(u32::MAX));
-            let n = SegmentNo((id < per_id).then_some(log * per_id + id)?);
+            let n = segno_of(s.num, seg)?;
             path.reaches(TimelineId(s.tli), n.start_lsn(seg))
                 .then_some(n.0)
         })
