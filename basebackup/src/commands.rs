@@ -545,6 +545,18 @@ pub struct StreamArgs {
     /// is gone from the server (recovery cannot pass that hole).
     #[arg(long)]
     accept_hole: bool,
+    /// How often the segment being filled is stored (as a piece from its start): how much a
+    /// lost server can take with it, at most, in default mode.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    partial_interval: std::time::Duration,
+    /// Store what arrives at once and report it flushed only once stored: with
+    /// synchronous_standby_names naming the stream's application_name (walcore), a commit
+    /// returns to its client only once it is in the repository.
+    #[arg(long)]
+    synchronous: bool,
+    /// How often the stream logs how far behind the server the repository is.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    lag_log_interval: std::time::Duration,
 }
 
 /// Streams WAL into the repository (`walcore stream`) until an error waiting cannot cure;
@@ -554,6 +566,9 @@ pub fn stream(global: Global, args: StreamArgs) -> u8 {
     let spool = std::env::temp_dir().join(format!("walcore-stream-{}", std::process::id()));
     let mut options = walcore::ops::stream::StreamOptions::new(args.dbname, args.slot, spool);
     options.accept_hole = args.accept_hole;
+    options.partial_interval = args.partial_interval;
+    options.synchronous = args.synchronous;
+    options.lag_log_interval = args.lag_log_interval;
     walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
         walcore::ops::stream::stream(&repo, &options).await
     })

@@ -25,6 +25,7 @@ mod selftest;
 mod status;
 mod store_conformance;
 mod stream;
+mod stream_rpo;
 mod throughput;
 mod tls;
 mod verify;

@@ -6,6 +6,7 @@ pub mod prefetch;
 pub mod restore;
 pub mod spool;
 pub mod stream;
+pub mod tail;
 
 #[cfg(test)]
 pub(crate) mod testing;

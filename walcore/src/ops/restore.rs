@@ -57,6 +57,17 @@ pub(crate) async fn restore_durable(
         return Err(absent);
     };
     match hole::check(repo, &wal).await? {
+        // The end of the complete segments: what `walcore stream` stored of the segment being
+        // filled is the rest of the archive, for a recovery that ends (never for a standby,
+        // which would replay a tail that is still growing).
+        hole::Checked::Absent(hole::Absence::PastTheEnd)
+            if !super::tail::recovering_as_standby() =>
+        {
+            match super::tail::restore_tail(repo, &wal, dest).await? {
+                Some(restored) => Ok(restored),
+                None => Err(absent),
+            }
+        }
         hole::Checked::Absent(_) => Err(absent),
         hole::Checked::Appeared => restore_file_with(repo, name, dest, Durability::Durable).await,
     }
@@ -237,7 +248,7 @@ fn decode_verify_publish(
     reader: Box<dyn Read + Send>,
     publish: &Publish<'_>,
 ) -> Result<u64, Error> {
-    let Publish { temp, dest, sync } = *publish;
+    let temp = publish.temp;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -280,20 +291,52 @@ fn decode_verify_publish(
         }
     }
 
+    move_into_place(file, publish)?;
+    Ok(summary.plaintext_len)
+}
+
+/// Renames the written `temp` to `dest`, fsyncing file and directory when durable.
+fn move_into_place(file: File, publish: &Publish<'_>) -> Result<(), Error> {
+    let Publish { temp, dest, sync } = *publish;
     if sync == Durability::Durable {
         file.sync_all().map_err(|e| local(temp, "syncing", e))?;
     }
     drop(file);
     fs::rename(temp, dest).map_err(|e| local(dest, "renaming into", e))?;
     if sync == Durability::UntilReboot {
-        return Ok(summary.plaintext_len);
+        return Ok(());
     }
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    crate::store::local::fsync_dir(dir).map_err(|e| local(dir, "syncing directory", e))?;
-    Ok(summary.plaintext_len)
+    crate::store::local::fsync_dir(dir).map_err(|e| local(dir, "syncing directory", e))
+}
+
+/// Writes `bytes` to `dest` as a restored file is written: a temporary file beside it,
+/// fsynced, renamed into place, the directory fsynced.
+pub(crate) fn publish_bytes(bytes: &[u8], dest: &Path) -> Result<(), Error> {
+    let temp = temp_path(dest)?;
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, bytes).map(|()| f))
+        .map_err(|e| local(&temp, "writing", e))
+        .and_then(|f| {
+            move_into_place(
+                f,
+                &Publish {
+                    temp: &temp,
+                    dest,
+                    sync: Durability::Durable,
+                },
+            )
+        });
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
 }
 
 #[cfg(test)]

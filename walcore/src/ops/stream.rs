@@ -1,28 +1,40 @@
 //! `walcore stream`: WAL streamed from the server over a physical replication slot into the
-//! repository. Each completed segment is stored exactly as `walcore-archive` stores it (the
-//! same checks and the same object, so a segment both deliver is stored once and a different
-//! one is refused), and only then reported to the server as flushed: the slot never releases
-//! WAL the repository lacks.
+//! repository, seconds behind the server (or, with `--synchronous`, never behind a commit the
+//! server acknowledged to its client).
+//!
+//! What is stored:
+//! - each completed segment exactly as `walcore-archive` stores it (the same checks and the
+//!   same object, so a segment both deliver is stored once and a different one is refused);
+//! - the segment being filled, as pieces under `stream/` ([`super::tail`]): every
+//!   `partial_interval` a piece from its start to what has arrived, which supersedes (and
+//!   removes) the pieces before it; in synchronous mode also, after each batch, a piece from
+//!   where the stored ones end to what has arrived;
+//! - at a timeline switch, the old timeline's last segment as `.partial` under its own name
+//!   (never as a complete segment), and the new timeline's history file.
+//!
+//! What is reported: the flush position is what the repository holds durably, never more, so
+//! the slot never releases WAL the repository lacks, and synchronous replication waits for the
+//! repository. One store is in flight at a time; what arrives meanwhile makes the next one (a
+//! group commit).
 //!
 //! Where it starts: after the newest segment the repository holds on the server's timeline;
 //! with none there, at the slot's position (or the server's, for a new slot). When the slot no
 //! longer holds the segment after the repository's newest, the WAL between is gone from the
 //! server: that hole is refused with an error naming it (`--accept-hole` starts at the slot).
-//!
-//! What it does not do yet (issue 12): partial segments every few seconds, the synchronous
-//! mode, storing the old timeline's last segment and the new history at a promotion (it stops
-//! streaming the old timeline at the switch and starts again on the new one, leaving the
-//! partial segment to `archive_command`), and lag in `walcore status`.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 
+use super::tail::{self, Piece};
 use crate::backup::plan::newest_segment;
 use crate::backup::take::{check_cluster, server_segment_size};
 use crate::error::{Error, ErrorKind};
-use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegmentSize};
+use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegmentSize};
 use crate::replication::stream::{ServerMessage, StatusUpdate, StreamEvent, pg_time};
 use crate::replication::{ConnConfig, ConnectOptions, ReplicationConnection};
 use crate::repo::Repository;
@@ -45,6 +57,12 @@ pub struct StreamOptions {
     pub silence: Duration,
     /// The longest wait between two connection attempts.
     pub max_backoff: Duration,
+    /// How often the segment being filled is stored, as a piece from its start.
+    pub partial_interval: Duration,
+    /// Store what arrives at once, and report it flushed once stored.
+    pub synchronous: bool,
+    /// How often the lag is logged.
+    pub lag_log_interval: Duration,
 }
 
 impl StreamOptions {
@@ -57,13 +75,20 @@ impl StreamOptions {
             status_interval: Duration::from_secs(10),
             silence: Duration::from_secs(90),
             max_backoff: Duration::from_secs(60),
+            partial_interval: Duration::from_secs(10),
+            synchronous: false,
+            lag_log_interval: Duration::from_secs(60),
         }
     }
 }
 
-/// Streams until an error that waiting cannot cure (another cluster, a hole, a bad setting);
-/// everything else (the server gone, the store down for a while) is retried with a backoff
-/// that doubles up to `max_backoff`.
+/// Complete segments waiting for their store beyond this many stop the reading from the
+/// server until one is stored: memory stays bounded when the store is slower than the server.
+const MAX_PENDING_SEGMENTS: usize = 4;
+
+/// Streams until an error that waiting cannot cure (another cluster, a hole, a bad setting) or
+/// SIGTERM/SIGINT (after storing what has arrived); everything else (the server gone, the
+/// store down for a while) is retried with a backoff that doubles up to `max_backoff`.
 pub async fn stream(repo: &Repository, options: &StreamOptions) -> Result<(), Error> {
     std::fs::create_dir_all(&options.spool).map_err(|e| {
         Error::new(
@@ -71,26 +96,71 @@ pub async fn stream(repo: &Repository, options: &StreamOptions) -> Result<(), Er
             format!("creating the spool {}: {e}", options.spool.display()),
         )
     })?;
+    let mut stop = Stop::new()?;
     let mut backoff = Duration::from_secs(1);
     loop {
         let mut stored = 0u64;
-        let outcome = session(repo, options, &mut stored).await;
+        let outcome = session(repo, options, &mut stored, &mut stop).await;
         if stored > 0 {
             backoff = Duration::from_secs(1);
         }
         match outcome {
-            Ok(()) => tracing::info!("the stream ended at a timeline switch; starting again"),
+            Ok(Ended::Timeline) => {
+                tracing::info!("the stream ended at a timeline switch; starting again")
+            }
+            Ok(Ended::Stopped) => {
+                tracing::info!("stopped by a signal, after storing what had arrived");
+                return Ok(());
+            }
             Err(e) if !retryable(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(
                     "streaming stopped: {e:#}; connecting again in {}s",
                     backoff.as_secs()
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait() => return Ok(()),
+                }
                 backoff = (backoff * 2).min(options.max_backoff);
             }
         }
     }
+}
+
+/// SIGTERM (systemd's stop) and SIGINT.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> Result<Stop, Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| {
+            signal(kind)
+                .map_err(|e| Error::new(ErrorKind::Internal, format!("listening for signals: {e}")))
+        };
+        Ok(Stop {
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Why a session ended without an error.
+enum Ended {
+    /// The server's timeline ended; a new session goes on on the next one.
+    Timeline,
+    /// A signal asked to stop.
+    Stopped,
 }
 
 /// Errors that a later attempt may not meet.
@@ -106,13 +176,204 @@ fn retryable(e: &Error) -> bool {
     )
 }
 
-/// One connection: identify, slot, start position, then segments until an error or the end
-/// of the timeline. `stored` counts the segments stored.
+/// What one store made durable.
+enum Stored {
+    /// Complete segment number N.
+    Segment(u64),
+    /// A piece of segment N.
+    Piece(u64, Piece),
+}
+
+type Job<'a> = Pin<Box<dyn Future<Output = Result<Stored, Error>> + Send + 'a>>;
+
+/// The segment being filled.
+struct Filling {
+    segno: u64,
+    buf: Vec<u8>,
+    /// Bytes from its start that stored pieces hold without a gap.
+    durable: u32,
+    /// Whether pieces of it may be stored (this session's or an earlier one's).
+    has_pieces: bool,
+    /// When the last piece from offset 0 was started (or the session began).
+    consolidated_at: Instant,
+}
+
+/// The state of one session's stream: what has arrived, what is stored, what waits.
+struct Progress<'a> {
+    repo: &'a Repository,
+    options: &'a StreamOptions,
+    tli: TimelineId,
+    seg: WalSegmentSize,
+    filling: Filling,
+    /// Complete segments not yet stored, oldest first, and whether pieces of each may exist.
+    pending: VecDeque<(u64, Vec<u8>, bool)>,
+    received: Lsn,
+    flushed: Lsn,
+    /// When the oldest byte not yet durable arrived.
+    unflushed_since: Option<Instant>,
+    /// The server's end of WAL, as it last said.
+    server_end: Lsn,
+}
+
+impl<'a> Progress<'a> {
+    fn seg_bytes(&self) -> u64 {
+        u64::from(self.seg.bytes())
+    }
+
+    fn name(&self, segno: u64) -> WalFileName {
+        WalFileName::segment(self.tli, SegmentNo(segno), self.seg)
+    }
+
+    /// Takes WAL from `at` (which must be where the stream is).
+    fn receive(&mut self, at: Lsn, mut data: Bytes) -> Result<(), Error> {
+        if at != self.received {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!(
+                    "the server sent WAL from {at}, but the stream is at {}",
+                    self.received
+                ),
+            ));
+        }
+        if data.has_remaining() && self.unflushed_since.is_none() {
+            self.unflushed_since = Some(Instant::now());
+        }
+        let seg_bytes = self.seg_bytes();
+        while data.has_remaining() {
+            let room = (seg_bytes - self.filling.buf.len() as u64) as usize;
+            let take = room.min(data.len());
+            self.filling.buf.extend_from_slice(&data[..take]);
+            data.advance(take);
+            self.received = Lsn(self.received.0 + take as u64);
+            if self.filling.buf.len() as u64 == seg_bytes {
+                let next = Filling {
+                    segno: self.filling.segno + 1,
+                    buf: Vec::with_capacity(seg_bytes as usize),
+                    durable: 0,
+                    has_pieces: false,
+                    consolidated_at: self.filling.consolidated_at,
+                };
+                let full = std::mem::replace(&mut self.filling, next);
+                self.pending
+                    .push_back((full.segno, full.buf, full.has_pieces));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next store to run, if any is due: complete segments first, then a piece of the
+    /// segment being filled (at once in synchronous mode or when `now` is set, otherwise when
+    /// the partial interval has passed).
+    fn next_job(&mut self, now: bool) -> Option<Job<'a>> {
+        let repo = self.repo;
+        if let Some((segno, bytes, has_pieces)) = self.pending.pop_front() {
+            let name = self.name(segno);
+            let spool = self.options.spool.clone();
+            let size = self.seg.bytes();
+            return Some(Box::pin(async move {
+                store_segment(repo, &spool, &name, &bytes).await?;
+                if has_pieces {
+                    tail::remove_superseded(repo, &name, size, None).await;
+                }
+                Ok(Stored::Segment(segno))
+            }));
+        }
+        let f = &mut self.filling;
+        let len = f.buf.len() as u32;
+        if len <= f.durable {
+            return None;
+        }
+        let due = f.consolidated_at.elapsed() >= self.options.partial_interval;
+        if !(self.options.synchronous || due || now) {
+            return None;
+        }
+        // A piece from the start when one is due (or there is none yet), else the bytes after
+        // the stored ones.
+        let from = if due || now || f.durable == 0 {
+            f.consolidated_at = Instant::now();
+            0
+        } else {
+            f.durable
+        };
+        f.has_pieces = true;
+        let segno = f.segno;
+        let bytes = Bytes::copy_from_slice(&f.buf[from as usize..]);
+        let name = self.name(segno);
+        Some(Box::pin(async move {
+            let piece = tail::put_piece(repo, &name, from, bytes).await?;
+            if piece.from == 0 {
+                tail::remove_superseded(repo, &name, piece.to, Some(&piece)).await;
+            }
+            Ok(Stored::Piece(segno, piece))
+        }))
+    }
+
+    /// Records what a store made durable.
+    fn stored(&mut self, done: Stored) {
+        let seg_bytes = self.seg_bytes();
+        let reach = match done {
+            Stored::Segment(segno) => Lsn((segno + 1) * seg_bytes),
+            Stored::Piece(segno, piece) => {
+                if segno == self.filling.segno {
+                    self.filling.durable = self.filling.durable.max(piece.to);
+                }
+                Lsn(segno * seg_bytes + u64::from(piece.to))
+            }
+        };
+        if reach > self.flushed {
+            self.flushed = reach;
+        }
+        if self.flushed >= self.received {
+            self.unflushed_since = None;
+        }
+    }
+
+    /// Stores what is pending and what has arrived of the segment being filled.
+    async fn store_everything(&mut self) -> Result<(), Error> {
+        while let Some(job) = self.next_job(true) {
+            let done = job.await?;
+            self.stored(done);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> StatusUpdate {
+        StatusUpdate {
+            write: self.received,
+            flush: self.flushed,
+            // Nothing is replayed here (as pg_receivewal reports it).
+            apply: Lsn(0),
+            sent_at: pg_time(SystemTime::now()),
+            reply_requested: false,
+        }
+    }
+
+    fn log_lag(&self) {
+        let behind = self.server_end.0.saturating_sub(self.flushed.0);
+        let seconds = self
+            .unflushed_since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        tracing::info!(
+            received = %self.received,
+            flushed = %self.flushed,
+            server_end = %self.server_end,
+            lag_bytes = behind,
+            lag_seconds = format!("{seconds:.1}"),
+            // The slot keeps what was not reported flushed: the server's end minus the flush.
+            slot_retained_bytes = behind,
+            "stream lag: the repository is {behind} bytes and {seconds:.1}s behind the server"
+        );
+    }
+}
+
+/// One connection: identify, slot, start position, then segments until an error, a signal or
+/// the end of the timeline. `stored` counts the stores made.
 async fn session(
     repo: &Repository,
     options: &StreamOptions,
     stored: &mut u64,
-) -> Result<(), Error> {
+    stop: &mut Stop,
+) -> Result<Ended, Error> {
     let mut config = ConnConfig::from_env(&options.conninfo)
         .map_err(|e| Error::new(ErrorKind::Configuration, e.to_string()))?;
     if config.application_name.is_none() {
@@ -144,12 +405,22 @@ async fn session(
     };
 
     let tli = system.timeline;
+    if tli.0 > 1 {
+        store_history(repo, &options.spool, &mut conn, tli).await?;
+    }
     let start = start_position(repo, options, seg, tli, slot_at, system.xlogpos).await?;
+    let seg_bytes = u64::from(seg.bytes());
+    let first = start.0 / seg_bytes;
+    remove_leftover_pieces(repo, tli, seg, first).await;
+    let has_pieces = !tail::pieces(repo, &WalFileName::segment(tli, SegmentNo(first), seg))
+        .await?
+        .is_empty();
     tracing::info!(
         server = %server,
         slot = %options.slot,
         timeline = tli.0,
         start = %start,
+        synchronous = options.synchronous,
         "streaming"
     );
     if let Some(end) = conn
@@ -157,72 +428,194 @@ async fn session(
         .await?
     {
         tracing::info!("timeline {} ended before {start}: {end:?}", tli.0);
-        return Ok(());
+        return Ok(Ended::Timeline);
     }
 
-    let seg_bytes = u64::from(seg.bytes());
-    let mut buf: Vec<u8> = Vec::with_capacity(seg.bytes() as usize);
-    let mut received = start;
-    let mut flushed = start;
+    let mut p = Progress {
+        repo,
+        options,
+        tli,
+        seg,
+        filling: Filling {
+            segno: first,
+            buf: Vec::with_capacity(seg.bytes() as usize),
+            durable: 0,
+            has_pieces,
+            consolidated_at: Instant::now(),
+        },
+        pending: VecDeque::new(),
+        received: start,
+        flushed: start,
+        unflushed_since: None,
+        server_end: start,
+    };
+    let mut job: Option<Job<'_>> = None;
     let mut last_status = Instant::now();
-    loop {
-        let event = conn.recv_stream(options.silence).await?;
+    let mut last_lag_log = Instant::now();
+    let mut reported = start;
+    let outcome: Result<Ended, Error> = loop {
+        // Group commit: take in what has already arrived before the next store starts.
+        let reading = p.pending.len() < MAX_PENDING_SEGMENTS;
+        if job.is_none() && (!conn.has_buffered() || !reading) {
+            job = p.next_job(false);
+        }
+        let wake = {
+            let status_at = last_status + options.status_interval;
+            let piece_at = p.filling.consolidated_at + options.partial_interval;
+            if job.is_none() && p.filling.buf.len() as u32 > p.filling.durable {
+                status_at.min(piece_at)
+            } else {
+                status_at
+            }
+        };
         let mut reply = false;
-        match event {
-            StreamEvent::Message(ServerMessage::XLogData {
-                start: at,
-                mut data,
-                ..
-            }) => {
-                if at != received {
-                    return Err(Error::new(
-                        ErrorKind::Internal,
-                        format!("{server} sent WAL from {at}, but the stream is at {received}"),
-                    ));
-                }
-                while data.has_remaining() {
-                    let room = (seg_bytes - buf.len() as u64) as usize;
-                    let take = room.min(data.len());
-                    buf.extend_from_slice(&data[..take]);
-                    data.advance(take);
-                    received = Lsn(received.0 + take as u64);
-                    if buf.len() as u64 == seg_bytes {
-                        let segno = SegmentNo(received.0 / seg_bytes - 1);
-                        let name = WalFileName::segment(tli, segno, seg);
-                        store_segment(repo, &options.spool, &name, &buf).await?;
+        tokio::select! {
+            done = async { job.as_mut().expect("a job").await }, if job.is_some() => {
+                job = None;
+                match done {
+                    Ok(done) => {
+                        p.stored(done);
                         *stored += 1;
-                        flushed = received;
-                        buf.clear();
-                        reply = true;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+            event = conn.recv_stream(options.silence), if reading => match event {
+                Ok(StreamEvent::Message(ServerMessage::XLogData { start: at, wal_end, data, .. })) => {
+                    p.server_end = p.server_end.max(wal_end);
+                    if let Err(e) = p.receive(at, data) {
+                        break Err(e);
                     }
                 }
-            }
-            StreamEvent::Message(ServerMessage::Keepalive {
-                reply_requested, ..
-            }) => reply = reply_requested,
-            StreamEvent::TimelineEnded {
-                next_timeline,
-                start: next,
-            } => {
-                tracing::info!(
-                    "timeline {} ended at {next}; the server goes on on timeline {}",
-                    tli.0,
-                    next_timeline.0
-                );
-                return Ok(());
-            }
+                Ok(StreamEvent::Message(ServerMessage::Keepalive { wal_end, reply_requested, .. })) => {
+                    p.server_end = p.server_end.max(wal_end);
+                    reply = reply_requested;
+                }
+                Ok(StreamEvent::TimelineEnded { next_timeline, start: next }) => {
+                    tracing::info!(
+                        "timeline {} ended at {next}; the server goes on on timeline {}",
+                        tli.0,
+                        next_timeline.0
+                    );
+                    break Ok(Ended::Timeline);
+                }
+                Err(e) => break Err(e.into()),
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = stop.wait() => break Ok(Ended::Stopped),
         }
-        if reply || last_status.elapsed() >= options.status_interval {
-            conn.send_status(&StatusUpdate {
-                write: received,
-                flush: flushed,
-                // Nothing is replayed here (as pg_receivewal reports it).
-                apply: Lsn(0),
-                sent_at: pg_time(SystemTime::now()),
-                reply_requested: false,
-            })
-            .await?;
+        if p.flushed > reported || reply || last_status.elapsed() >= options.status_interval {
+            if let Err(e) = conn.send_status(&p.status()).await {
+                break Err(e.into());
+            }
+            reported = p.flushed;
             last_status = Instant::now();
+        }
+        if last_lag_log.elapsed() >= options.lag_log_interval {
+            p.log_lag();
+            last_lag_log = Instant::now();
+        }
+    };
+
+    // Whatever ended the session, what has arrived is stored before it returns: the server may
+    // be gone for good, and these bytes are the newest the repository can hold.
+    if let Some(j) = job.take() {
+        match j.await {
+            Ok(done) => p.stored(done),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Ok(Ended::Timeline) = outcome {
+        end_of_timeline(&mut p).await?;
+    } else {
+        p.store_everything().await?;
+    }
+    if p.flushed > reported {
+        // Best effort: the connection may be gone.
+        let _ = conn.send_status(&p.status()).await;
+    }
+    outcome
+}
+
+/// At the end of a timeline: complete segments are stored, and the segment the timeline ended
+/// in is stored as `.partial` under its own name: its bytes up to the switch, zeros after.
+async fn end_of_timeline(p: &mut Progress<'_>) -> Result<(), Error> {
+    while let Some((segno, bytes, has_pieces)) = p.pending.pop_front() {
+        let name = p.name(segno);
+        store_segment(p.repo, &p.options.spool, &name, &bytes).await?;
+        if has_pieces {
+            tail::remove_superseded(p.repo, &name, p.seg.bytes(), None).await;
+        }
+        p.stored(Stored::Segment(segno));
+    }
+    if p.filling.buf.is_empty() {
+        return Ok(());
+    }
+    let name = p.name(p.filling.segno).with_kind(WalFileKind::Partial);
+    let mut bytes = std::mem::take(&mut p.filling.buf);
+    bytes.resize(p.seg.bytes() as usize, 0);
+    match store_segment(p.repo, &p.options.spool, &name, &bytes).await {
+        Ok(()) => {}
+        // The server's own `.partial` (archived by its archive_command) was stored first: it
+        // holds the same WAL up to the switch, and what it has after is its own.
+        Err(e) if e.kind() == ErrorKind::Conflict => {
+            tracing::warn!("{name} is already stored as the server archived it; kept: {e}")
+        }
+        Err(e) => return Err(e),
+    }
+    if p.filling.has_pieces {
+        tail::remove_superseded(p.repo, &p.name(p.filling.segno), p.seg.bytes(), None).await;
+    }
+    Ok(())
+}
+
+/// Stores timeline `tli`'s history file as the server has it (through the archive path, so a
+/// copy `archive_command` stored first is accepted when identical).
+async fn store_history(
+    repo: &Repository,
+    spool: &Path,
+    conn: &mut ReplicationConnection,
+    tli: TimelineId,
+) -> Result<(), Error> {
+    let (file, content) = conn.timeline_history(tli).await?;
+    let name = WalFileName::parse(&file)
+        .ok()
+        .filter(|n| n.kind() == &WalFileKind::History && n.timeline() == tli)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("the server sent history file {file:?} for timeline {tli}"),
+            )
+        })?;
+    store_segment(repo, spool, &name, &content).await
+}
+
+/// Removes the pieces an earlier session left of segments before `first` on `tli` that are
+/// stored complete (a piece of a segment that is not is kept: it may be all there is of it).
+async fn remove_leftover_pieces(
+    repo: &Repository,
+    tli: TimelineId,
+    seg: WalSegmentSize,
+    first: u64,
+) {
+    let prefix = tail::timeline_prefix(tli);
+    let keys = match repo.store().list(&prefix).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::debug!("pieces left by an earlier session not looked for: {e}");
+            return;
+        }
+    };
+    let mut segments: Vec<WalFileName> = keys
+        .iter()
+        .filter_map(|k| Piece::parse(k))
+        .filter(|p| p.name.segno(seg).is_ok_and(|n| n.0 < first))
+        .map(|p| p.name)
+        .collect();
+    segments.dedup();
+    for name in segments {
+        if let Ok(Some(_)) = repo.store().head(&crate::store::wal_key(&name)).await {
+            tail::remove_superseded(repo, &name, seg.bytes(), None).await;
         }
     }
 }

@@ -553,6 +553,12 @@ impl ReplicationConnection {
         }
     }
 
+    /// Whether bytes have arrived that are not yet parsed: another message may be ready
+    /// without waiting.
+    pub fn has_buffered(&self) -> bool {
+        !self.read.is_empty()
+    }
+
     /// The error for an ErrorResponse.
     pub(crate) fn server_error(&self, doing: &str, fields: &ErrorFields) -> ReplicationError {
         ReplicationError::Server {

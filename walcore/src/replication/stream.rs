@@ -208,6 +208,27 @@ impl ReplicationConnection {
         Ok(Some((restart, timeline)))
     }
 
+    /// `TIMELINE_HISTORY tli`: the history file of timeline `tli` (above 1) as the server has
+    /// it: its file name and its bytes.
+    pub async fn timeline_history(
+        &mut self,
+        timeline: TimelineId,
+    ) -> Result<(String, Bytes), ReplicationError> {
+        let doing = format!("fetching the history of timeline {timeline}");
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {}", timeline.0))
+            .await?;
+        let [row] = rows.as_slice() else {
+            return Err(self.invalid(&doing, format!("expected one row, got {}", rows.len())));
+        };
+        let (Some(file), Some(content)) = (row.raw(0), row.raw(1)) else {
+            return Err(self.invalid(&doing, "a column is null".into()));
+        };
+        let file = std::str::from_utf8(file)
+            .map_err(|_| self.invalid(&doing, "the file name is not UTF-8".into()))?;
+        Ok((file.to_owned(), Bytes::copy_from_slice(content)))
+    }
+
     /// `START_REPLICATION [SLOT slot] PHYSICAL start TIMELINE tli`: the server streams WAL from
     /// `start` (which the caller rounds down to a page or segment boundary, as the server
     /// wants). Returns `None` once the server has answered CopyBothResponse; when `timeline` is

@@ -1,0 +1,375 @@
+//! The tail of the archive: what `walcore stream` has stored of the segment the server is still
+//! filling (FORMAT §2, `stream/`). The stream stores it as pieces, each an immutable object that
+//! holds the segment's bytes from one offset to another and says so in its key; a piece from
+//! offset 0 supersedes every piece that reaches no further, and the complete segment, once
+//! stored under `wal/`, supersedes them all. Recovery to the end of the archive uses the tail
+//! ([`restore_tail`]): PostgreSQL gets the segment's bytes up to the furthest offset the pieces
+//! reach without a gap, and zeros after, which it reads as the end of the WAL.
+
+use std::io::{Cursor, Read};
+use std::path::Path;
+
+use bytes::Bytes;
+
+use crate::error::{Error, ErrorKind};
+use crate::pg::{
+    SIZE_OF_XLOG_LONG_PHD, SegmentExpectations, TimelineId, WalFileName, WalSegmentSize,
+    check_segment_header,
+};
+use crate::repo::Repository;
+use crate::store::PutOutcome;
+
+/// Where the pieces live.
+pub const TAIL_PREFIX: &str = "stream/";
+
+/// One stored piece: bytes `from..to` of segment `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub name: WalFileName,
+    pub from: u32,
+    pub to: u32,
+}
+
+impl Piece {
+    /// `stream/TTTTTTTT/SEGMENT/FFFFFFFF-TTTTTTTT`: the offsets in upper-case hexadecimal, so
+    /// that keys sort by where a piece starts, then by how far it reaches.
+    pub fn key(&self) -> String {
+        format!(
+            "{}{:08X}/{}/{:08X}-{:08X}",
+            TAIL_PREFIX,
+            self.name.timeline().0,
+            self.name,
+            self.from,
+            self.to
+        )
+    }
+
+    /// The piece a key names; `None` for any other key.
+    pub fn parse(key: &str) -> Option<Piece> {
+        let rest = key.strip_prefix(TAIL_PREFIX)?;
+        let mut parts = rest.split('/');
+        let (tli, segment, range) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let name = WalFileName::parse(segment)
+            .ok()
+            .filter(|n| n.is_segment())?;
+        if tli != format!("{:08X}", name.timeline().0) {
+            return None;
+        }
+        let (from, to) = range.split_once('-')?;
+        let hex = |s: &str| {
+            (s.len() == 8 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F')))
+                .then(|| u32::from_str_radix(s, 16).ok())
+                .flatten()
+        };
+        let (from, to) = (hex(from)?, hex(to)?);
+        (from < to).then_some(Piece { name, from, to })
+    }
+}
+
+/// The prefix holding the pieces of segment `name`.
+fn segment_prefix(name: &WalFileName) -> String {
+    format!("{}{:08X}/{}/", TAIL_PREFIX, name.timeline().0, name)
+}
+
+/// The prefix holding the pieces of timeline `tli`.
+pub fn timeline_prefix(tli: TimelineId) -> String {
+    format!("{}{:08X}/", TAIL_PREFIX, tli.0)
+}
+
+/// The pieces that make the longest run from offset 0 without a gap, in order. Pieces overlap
+/// only where they hold the same WAL, so any piece that starts within the run extends it.
+pub fn chain(pieces: &[Piece]) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::new();
+    let mut reach = 0u32;
+    loop {
+        let next = pieces
+            .iter()
+            .filter(|p| p.from <= reach && p.to > reach)
+            .max_by_key(|p| p.to);
+        match next {
+            Some(p) => {
+                reach = p.to;
+                out.push(p.clone());
+            }
+            None => return out,
+        }
+    }
+}
+
+/// The pieces stored for segment `name`, in key order.
+pub async fn pieces(repo: &Repository, name: &WalFileName) -> Result<Vec<Piece>, Error> {
+    let prefix = segment_prefix(name);
+    let keys = repo
+        .store()
+        .list(&prefix)
+        .await
+        .map_err(|e| e.into_error("listing", &prefix, &repo.store().describe()))?;
+    Ok(keys.iter().filter_map(|k| Piece::parse(k)).collect())
+}
+
+/// Stores `bytes` as the piece of `name` from offset `from`, create-only: a piece already
+/// stored with the same content is success, with other content a conflict (the server sent
+/// other WAL for the same place, which only another cluster or timeline mix-up can cause).
+pub async fn put_piece(
+    repo: &Repository,
+    name: &WalFileName,
+    from: u32,
+    bytes: Bytes,
+) -> Result<Piece, Error> {
+    let piece = Piece {
+        name: name.clone(),
+        from,
+        to: from + bytes.len() as u32,
+    };
+    let key = piece.key();
+    let codec = repo.codec().clone();
+    let data = bytes.clone();
+    let key_owned = key.clone();
+    let (outcome, _) = repo
+        .with_retry(&format!("storing {key}"), || {
+            let codec = codec.clone();
+            let data = data.clone();
+            let k = key_owned.clone();
+            repo.store().put_create_with(&key_owned, move |w| {
+                codec
+                    .encode(&k, Cursor::new(data), w)
+                    .map_err(|e| Error::from(e).context(format!("encoding {k}")))
+            })
+        })
+        .await?;
+    if outcome == PutOutcome::AlreadyExists {
+        let stored = read_piece(repo, &piece).await?;
+        if stored != bytes {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{key} is already stored with different content; the stored object was left \
+                     unchanged"
+                ),
+            ));
+        }
+    }
+    Ok(piece)
+}
+
+/// The plaintext of a piece, checked to be as long as its key says.
+async fn read_piece(repo: &Repository, piece: &Piece) -> Result<Bytes, Error> {
+    let key = piece.key();
+    let store = repo.store().describe();
+    let stored = repo
+        .store()
+        .get(&key)
+        .await
+        .map_err(|e| e.into_error("reading", &key, &store))?;
+    let codec = repo.codec().clone();
+    let k = key.clone();
+    let plain = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        codec
+            .decode(&k, Cursor::new(stored), &mut out)
+            .map(|_| out)
+            .map_err(Error::from)
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Internal, format!("decoder thread failed: {e}")))?
+    .map_err(|e| e.context(format!("reading {key} from {store}")))?;
+    if plain.len() as u64 != u64::from(piece.to - piece.from) {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "{key} holds {} bytes, its name says {}",
+                plain.len(),
+                piece.to - piece.from
+            ),
+        ));
+    }
+    Ok(Bytes::from(plain))
+}
+
+/// Deletes the pieces of `name` that `reach` bytes from offset 0 make useless (those ending at
+/// or before it), except `keep`; with `keep` `None` and `reach` the segment's size, all of them,
+/// and on a file system their directory. Best effort: a piece left behind costs only space, and
+/// the next supersession or the stream's start removes it.
+pub async fn remove_superseded(
+    repo: &Repository,
+    name: &WalFileName,
+    reach: u32,
+    keep: Option<&Piece>,
+) {
+    let listed = match pieces(repo, name).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("superseded pieces of {name} not removed: {e:#}");
+            return;
+        }
+    };
+    let mut left = 0usize;
+    for p in listed {
+        if Some(&p) == keep || p.to > reach {
+            left += 1;
+            continue;
+        }
+        if let Err(e) = repo.store().delete(&p.key()).await {
+            tracing::warn!(key = %p.key(), "superseded piece not removed: {e}");
+            left += 1;
+        }
+    }
+    if left == 0 {
+        let _ = repo.store().prune_empty_dirs(&segment_prefix(name)).await;
+    }
+}
+
+/// The tail of segment `name`: its bytes from offset 0 as far as the stored pieces reach
+/// without a gap, zero-filled to the segment's size, and that reach; `None` when no piece
+/// starts at 0.
+pub async fn read_tail(
+    repo: &Repository,
+    name: &WalFileName,
+    seg: WalSegmentSize,
+) -> Result<Option<(Vec<u8>, u32)>, Error> {
+    let run = chain(&pieces(repo, name).await?);
+    let Some(reach) = run.last().map(|p| p.to) else {
+        return Ok(None);
+    };
+    if reach > seg.bytes() {
+        return Err(Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "the stored pieces of {name} reach {reach} bytes, past the segment's {}",
+                seg.bytes()
+            ),
+        ));
+    }
+    let mut segment = vec![0u8; seg.bytes() as usize];
+    for p in &run {
+        let bytes = read_piece(repo, p).await?;
+        segment[p.from as usize..p.to as usize].copy_from_slice(&bytes);
+    }
+    Ok(Some((segment, reach)))
+}
+
+/// Whether the data directory `restore_command` runs in (its working directory) is a standby:
+/// a standby must never replay a tail that is still growing, since it would go on from the
+/// zeros after it and refuse the complete segment later.
+pub fn recovering_as_standby() -> bool {
+    Path::new("standby.signal").exists()
+}
+
+/// Writes the tail of segment `name` to `dest` durably, after checking its first page against
+/// the repository's cluster. `None` when the repository holds no tail of it.
+pub async fn restore_tail(
+    repo: &Repository,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Option<super::restore::Restored>, Error> {
+    let meta = repo.read_meta().await?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Configuration,
+            format!("{} holds no walcore repository", repo.store().describe()),
+        )
+    })?;
+    let seg = meta.segment_size()?;
+    let Some((segment, reach)) = read_tail(repo, name, seg).await? else {
+        return Ok(None);
+    };
+    if (reach as usize) < SIZE_OF_XLOG_LONG_PHD {
+        return Ok(None);
+    }
+    let mut first = [0u8; SIZE_OF_XLOG_LONG_PHD];
+    Cursor::new(&segment[..])
+        .read_exact(&mut first)
+        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+    check_segment_header(
+        &first,
+        &SegmentExpectations {
+            name: name.clone(),
+            system_id: Some(meta.system_id()?),
+            seg_size: Some(seg),
+        },
+    )
+    .map_err(|e| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!("the streamed tail of {name} does not hold it: {e}"),
+        )
+    })?;
+    let dest = dest.to_path_buf();
+    tokio::task::spawn_blocking(move || super::restore::publish_bytes(&segment, &dest))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("writer thread failed: {e}")))??;
+    tracing::info!(
+        file = %name,
+        bytes = reach,
+        "restored the streamed tail of the archive: the segment's first {reach} bytes, zeros after"
+    );
+    Ok(Some(super::restore::Restored {
+        key: segment_prefix(name),
+        bytes: u64::from(reach),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name() -> WalFileName {
+        WalFileName::parse("000000020000000100000003").expect("name")
+    }
+
+    fn piece(from: u32, to: u32) -> Piece {
+        Piece {
+            name: name(),
+            from,
+            to,
+        }
+    }
+
+    #[test]
+    fn a_piece_key_says_where_it_is_and_reads_back() {
+        let p = piece(0x10, 0x2000);
+        assert_eq!(
+            p.key(),
+            "stream/00000002/000000020000000100000003/00000010-00002000"
+        );
+        assert_eq!(Piece::parse(&p.key()), Some(p));
+        for not_a_piece in [
+            "stream/00000002/000000020000000100000003/00002000-00000010",
+            "stream/00000001/000000020000000100000003/00000000-00000010",
+            "stream/00000002/000000020000000100000003.partial/00000000-00000010",
+            "stream/00000002/000000020000000100000003/0000000-00000010",
+            "stream/00000002/000000020000000100000003/00000000-0000001a",
+            "stream/00000002/000000020000000100000003/00000000-00000010/x",
+            "wal/00000002/00000001/000000020000000100000003",
+        ] {
+            assert_eq!(Piece::parse(not_a_piece), None, "{not_a_piece}");
+        }
+    }
+
+    #[test]
+    fn the_chain_is_the_longest_run_from_zero() {
+        assert!(chain(&[]).is_empty());
+        assert!(chain(&[piece(10, 20)]).is_empty(), "a run starts at 0");
+        // A consolidated piece, the deltas after it, one delta it superseded, and a piece
+        // after a gap.
+        let pieces = [
+            piece(0, 100),
+            piece(0, 300),
+            piece(100, 200),
+            piece(300, 350),
+            piece(350, 400),
+            piece(500, 600),
+        ];
+        assert_eq!(
+            chain(&pieces),
+            vec![piece(0, 300), piece(300, 350), piece(350, 400)]
+        );
+        // Overlapping deltas (a restarted stream) still make one run.
+        assert_eq!(
+            chain(&[piece(0, 100), piece(50, 150), piece(120, 130)]),
+            vec![piece(0, 100), piece(50, 150)]
+        );
+    }
+}
