@@ -163,3 +163,113 @@ fn streamed_segments_are_the_servers_and_a_restarted_stream_leaves_no_hole() {
         out.stderr
     );
 }
+
+/// A failover while streaming: the stream follows a standby, the primary stops and the
+/// standby is promoted to timeline 2. The stream stores the old timeline's last segment as
+/// `.partial` (never as a complete segment), stores `00000002.history`, and goes on on the new
+/// timeline; restores to a time before the switch and to one after it bring back exactly the
+/// rows committed before each.
+#[test]
+fn a_promotion_while_streaming_keeps_the_old_timeline_partial_and_follows_the_new() {
+    let repo = Repo::file();
+    let codec = Codec::encrypted(KEY_1);
+    let env = repo.env(&codec);
+    let mut primary = Cluster::new();
+    primary.archive_with_walcore();
+    primary.set_env(&env);
+    primary.start();
+    create_table(&primary);
+    let mut tool = Tool::new(&primary, env.clone());
+    tool.program = primary.install(bins::WALCORE);
+    tool.take(&primary, &[]);
+
+    let backup = primary.base_backup();
+    let standby = Cluster::from_backup(&backup);
+    standby.set(
+        "primary_conninfo",
+        &format!("host={} port=5432 user=postgres", primary.sock.display()),
+    );
+    std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
+    standby.start();
+    let child = spawn_stream(&tool, &standby, "stream.log");
+    let caught_up = |what: &str| {
+        let want = primary.psql("select count(*) from t");
+        let until = Instant::now() + Duration::from_secs(60);
+        while standby.psql("select count(*) from t") != want {
+            assert!(
+                Instant::now() < until,
+                "the standby did not catch up ({what})"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    insert_batch(&primary, "a", 2000);
+    caught_up("a");
+    let before_switch = primary.psql("select now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    insert_batch(&primary, "b", 2000);
+    caught_up("b");
+    // A failover: the old primary stops, the standby takes over on timeline 2.
+    primary.stop();
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    let history = std::fs::read_to_string(standby.data.join("pg_wal/00000002.history"))
+        .expect("the promotion wrote 00000002.history");
+    let switch_segment = {
+        let line = history.lines().next().expect("a history line");
+        let lsn = line.split('\t').nth(1).expect("a switch point");
+        // pg_walfile_name names the segment on the server's timeline, now 2.
+        let on_2 = standby.psql(&format!("select pg_walfile_name('{lsn}'::pg_lsn - 1)"));
+        format!("00000001{}", &on_2[8..])
+    };
+    insert_batch(&standby, "c", 2000);
+    std::thread::sleep(Duration::from_millis(1100));
+    let after_switch = standby.psql("select now()");
+    std::thread::sleep(Duration::from_millis(1100));
+    insert_batch(&standby, "d", 2000);
+    let last = standby.switch_wal();
+    assert!(last.starts_with("00000002"), "{last}");
+    wait_stored(&repo, std::slice::from_ref(&last), &standby, "stream.log");
+    stop(child);
+
+    let keys = repo.keys();
+    let old_partial = format!("{}.partial", wal_key(&switch_segment));
+    assert!(
+        keys.contains(&old_partial),
+        "the old timeline's last segment is not stored as {old_partial}: {keys:?}"
+    );
+    assert!(
+        !keys.contains(&wal_key(&switch_segment)),
+        "the old timeline's last segment is stored as complete"
+    );
+    assert!(keys.contains(&"wal/history/00000002.history".to_string()));
+    assert_eq!(
+        restored(&env, "00000002.history").as_slice(),
+        history.as_bytes(),
+        "the stored history is not the server's"
+    );
+
+    for (target, want) in [(&before_switch, "a"), (&after_switch, "a,b,c")] {
+        let mut dst = crate::backup::empty_cluster(15);
+        let restore_bin = dst.install(bins::RESTORE);
+        let data = dst.data.to_string_lossy().into_owned();
+        let program = restore_bin.to_string_lossy().into_owned();
+        tool.ok(&[
+            "restore",
+            "--pgdata",
+            &data,
+            "--restore-program",
+            &program,
+            "--target-time",
+            target,
+        ]);
+        crate::backup::prepare_restored(&mut dst, &env);
+        let outcome = crate::scenario::run_recovery(&dst);
+        crate::scenario::assert_promoted(&dst, outcome, "restore across a promotion");
+        assert_eq!(
+            dst.psql("select string_agg(distinct batch, ',' order by batch) from t"),
+            want,
+            "restored to {target}"
+        );
+    }
+}

@@ -34,7 +34,9 @@ use super::tail::{self, Piece};
 use crate::backup::plan::newest_segment;
 use crate::backup::take::{check_cluster, server_segment_size};
 use crate::error::{Error, ErrorKind};
-use crate::pg::{Lsn, SegmentNo, TimelineId, WalFileKind, WalFileName, WalSegmentSize};
+use crate::pg::{
+    Lsn, SegmentNo, TimelineHistory, TimelineId, WalFileKind, WalFileName, WalSegmentSize,
+};
 use crate::replication::stream::{ServerMessage, StatusUpdate, StreamEvent, pg_time};
 use crate::replication::{ConnConfig, ConnectOptions, ReplicationConnection};
 use crate::repo::Repository;
@@ -405,10 +407,21 @@ async fn session(
     };
 
     let tli = system.timeline;
-    if tli.0 > 1 {
-        store_history(repo, &options.spool, &mut conn, tli).await?;
-    }
-    let start = start_position(repo, options, seg, tli, slot_at, system.xlogpos).await?;
+    let history = if tli.0 > 1 {
+        Some(store_history(repo, &options.spool, &mut conn, tli).await?)
+    } else {
+        None
+    };
+    let start = start_position(
+        repo,
+        options,
+        seg,
+        tli,
+        slot_at,
+        system.xlogpos,
+        history.as_ref(),
+    )
+    .await?;
     let seg_bytes = u64::from(seg.bytes());
     let first = start.0 / seg_bytes;
     remove_leftover_pieces(repo, tli, seg, first).await;
@@ -576,7 +589,7 @@ async fn store_history(
     spool: &Path,
     conn: &mut ReplicationConnection,
     tli: TimelineId,
-) -> Result<(), Error> {
+) -> Result<TimelineHistory, Error> {
     let (file, content) = conn.timeline_history(tli).await?;
     let name = WalFileName::parse(&file)
         .ok()
@@ -587,7 +600,11 @@ async fn store_history(
                 format!("the server sent history file {file:?} for timeline {tli}"),
             )
         })?;
-    store_segment(repo, spool, &name, &content).await
+    let history = TimelineHistory::parse(tli, &content).map_err(|e| {
+        Error::from(e).context(format!("the history of timeline {tli} the server sent"))
+    })?;
+    store_segment(repo, spool, &name, &content).await?;
+    Ok(history)
 }
 
 /// Removes the pieces an earlier session left of segments before `first` on `tli` that are
@@ -628,13 +645,29 @@ async fn start_position(
     tli: TimelineId,
     slot_at: Option<Lsn>,
     server_at: Lsn,
+    history: Option<&TimelineHistory>,
 ) -> Result<Lsn, Error> {
     let seg_bytes = u64::from(seg.bytes());
     let floor = |l: Lsn| Lsn(l.0 - l.0 % seg_bytes);
-    let Some(end) = newest_segment(repo, tli, seg).await? else {
-        return Ok(floor(slot_at.unwrap_or(server_at)));
+    let next = match newest_segment(repo, tli, seg).await? {
+        Some(end) => end.segment.segno(seg)?.0 + 1,
+        None => {
+            // Nothing of this timeline yet. When the repository holds the timeline it branched
+            // from, this one goes on from where it began (the segment of the switch, which the
+            // server keeps under the new timeline's name); otherwise from the slot.
+            let parent = history.and_then(|h| h.entries().last());
+            let begun = match (parent, history.and_then(|h| h.start_of(tli))) {
+                (Some(p), Some(begin)) if newest_segment(repo, p.parent, seg).await?.is_some() => {
+                    Some(begin)
+                }
+                _ => None,
+            };
+            match begun {
+                Some(begin) => begin.0 / seg_bytes,
+                None => return Ok(floor(slot_at.unwrap_or(server_at))),
+            }
+        }
     };
-    let next = end.segment.segno(seg)?.0 + 1;
     let wanted = SegmentNo(next).start_lsn(seg);
     match slot_at {
         Some(held) if floor(held) > wanted => {
