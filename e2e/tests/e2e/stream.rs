@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use walcore_e2e::repo::{Codec, KEY_1, wal_key};
 use walcore_e2e::workload::{create_table, insert_batch};
-use walcore_e2e::{Cluster, Repo, bins};
+use walcore_e2e::{Cluster, Repo, bins, sys};
 
 use crate::backup::{Tool, conninfo};
 
@@ -17,8 +17,14 @@ const SLOT: &str = "walcore_e2e";
 
 /// `walcore stream` in the background, its log in the cluster's directory.
 fn spawn_stream(tool: &Tool, cluster: &Cluster, log: &str) -> Child {
+    spawn_stream_with(tool, cluster, log, &[])
+}
+
+fn spawn_stream_with(tool: &Tool, cluster: &Cluster, log: &str, extra: &[&str]) -> Child {
     let conn = conninfo(cluster, "");
-    let mut cmd = tool.command(&["stream", "--dbname", &conn, "--slot", SLOT]);
+    let mut args = vec!["stream", "--dbname", &conn, "--slot", SLOT];
+    args.extend_from_slice(extra);
+    let mut cmd = tool.command(&args);
     let file = std::fs::File::create(cluster.dir().join(log)).expect("stream log");
     cmd.stdout(std::process::Stdio::null()).stderr(file);
     cmd.spawn().expect("spawn walcore stream")
@@ -272,4 +278,195 @@ fn a_promotion_while_streaming_keeps_the_old_timeline_partial_and_follows_the_ne
             "restored to {target}"
         );
     }
+}
+
+/// An hour of a quiet database with `archive_timeout = 60s`, compressed: sixty segments, each
+/// delivered by both `archive_command` and the stream, the stream SIGKILLed and started again
+/// at random moments (some in the middle of a store). Every segment is stored once, with no
+/// conflict on either side and no hole; no piece outlives its complete segment; a restore of
+/// the latest state has every row.
+#[test]
+fn stream_and_archive_command_together_through_kills_store_each_segment_once() {
+    let repo = Repo::file();
+    let env = repo.env(&Codec::encrypted(KEY_1));
+    let mut src = Cluster::new();
+    src.archive_with_walcore();
+    src.set_env(&env);
+    src.start();
+    create_table(&src);
+    let mut tool = Tool::new(&src, env.clone());
+    tool.program = src.install(bins::WALCORE);
+    tool.take(&src, &[]);
+
+    let extra = ["--partial-interval", "200ms"];
+    let mut child = spawn_stream_with(&tool, &src, "stream-0.log", &extra);
+    let mut restarts = 0;
+    let mut names = Vec::new();
+    for i in 0..60u32 {
+        insert_batch(&src, &format!("m{i}"), 50);
+        names.push(src.switch_wal());
+        let clock = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        if clock.is_multiple_of(7) {
+            std::thread::sleep(Duration::from_millis(u64::from(clock % 300)));
+            stop(child);
+            restarts += 1;
+            child = spawn_stream_with(&tool, &src, &format!("stream-{restarts}.log"), &extra);
+        }
+    }
+    insert_batch(&src, "tail", 50);
+    let last = names.last().expect("segments").clone();
+    wait_stored(
+        &repo,
+        std::slice::from_ref(&last),
+        &src,
+        &format!("stream-{restarts}.log"),
+    );
+    src.wait_archived(&last, Duration::from_secs(120));
+    // Stopped cleanly: what has arrived of the segment being filled is stored first.
+    let out = sys::run(
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let status = child.wait().expect("the stream exits");
+    assert!(status.success(), "the stream failed on SIGTERM: {status:?}");
+    eprintln!("{restarts} restarts");
+
+    assert_eq!(
+        src.psql("select failed_count from pg_stat_archiver"),
+        "0",
+        "archive_command failed (a conflict with the stream?)"
+    );
+    let logs: String = (0..=restarts)
+        .map(|r| {
+            std::fs::read_to_string(src.dir().join(format!("stream-{r}.log"))).unwrap_or_default()
+        })
+        .collect();
+    assert!(!logs.contains("different content"), "{logs}");
+    let keys = repo.keys();
+    let segments: Vec<u64> = keys
+        .iter()
+        .filter(|k| k.starts_with("wal/00000001/") && k.len() - k.rfind('/').unwrap_or(0) == 25)
+        .filter_map(|k| u64::from_str_radix(&k[k.len() - 8..], 16).ok())
+        .collect();
+    let (lo, hi) = (segments[0], segments[segments.len() - 1]);
+    assert_eq!(segments, (lo..=hi).collect::<Vec<_>>(), "a hole");
+    for name in &names {
+        assert!(keys.contains(&wal_key(name)), "{name} is not stored");
+    }
+    for piece in keys.iter().filter(|k| k.starts_with("stream/")) {
+        let segment = piece
+            .split('/')
+            .nth(2)
+            .expect("a piece key names its segment");
+        assert!(
+            !keys.contains(&wal_key(segment)),
+            "{piece} outlived its complete segment"
+        );
+    }
+
+    let want = walcore_e2e::workload::fingerprint(&src);
+    let mut dst = crate::backup::empty_cluster(15);
+    let restore_bin = dst.install(bins::RESTORE);
+    let data = dst.data.to_string_lossy().into_owned();
+    let program = restore_bin.to_string_lossy().into_owned();
+    tool.ok(&["restore", "--pgdata", &data, "--restore-program", &program]);
+    crate::backup::prepare_restored(&mut dst, &env);
+    let outcome = crate::scenario::run_recovery(&dst);
+    crate::scenario::assert_promoted(&dst, outcome, "restore of the latest state");
+    assert_eq!(walcore_e2e::workload::fingerprint(&dst), want);
+    assert!(
+        dst.server_log().contains("restored the streamed tail"),
+        "the rows after the last switch came from somewhere else"
+    );
+}
+
+/// A standby that follows the repository through `restore_command` while the stream stores
+/// the segment being filled: it never replays that growing tail (it would go on from the
+/// zeros after it), and replays the segment once it is complete.
+#[test]
+fn a_standby_following_the_repository_never_replays_the_growing_tail() {
+    let repo = Repo::file();
+    let env = repo.env(&Codec::encrypted(KEY_1));
+    let mut src = Cluster::new();
+    src.set("archive_mode", "off");
+    src.set_env(&env);
+    src.start();
+    create_table(&src);
+    let mut tool = Tool::new(&src, env.clone());
+    tool.program = src.install(bins::WALCORE);
+    let child = spawn_stream_with(&tool, &src, "stream.log", &["--partial-interval", "200ms"]);
+    let until = Instant::now() + Duration::from_secs(30);
+    while slot_restart(&src).is_empty() {
+        assert!(Instant::now() < until, "no slot");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tool.take(&src, &[]);
+    insert_batch(&src, "complete", 500);
+    let done = src.switch_wal();
+    wait_stored(&repo, std::slice::from_ref(&done), &src, "stream.log");
+
+    let mut standby = crate::backup::empty_cluster(15);
+    let restore_bin = standby.install(bins::RESTORE);
+    let data = standby.data.to_string_lossy().into_owned();
+    let program = restore_bin.to_string_lossy().into_owned();
+    tool.ok(&["restore", "--pgdata", &data, "--restore-program", &program]);
+    std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
+    crate::backup::prepare_restored(&mut standby, &env);
+    // It asks the repository again every 200 ms, not every 5 s.
+    standby.set("wal_retrieve_retry_interval", "200ms");
+    standby.start();
+    let complete = src.psql("select count(*) from t");
+    let rows = |c: &Cluster| c.try_psql("select count(*) from t").unwrap_or_default();
+    let until = Instant::now() + Duration::from_secs(60);
+    while rows(&standby) != complete {
+        assert!(
+            Instant::now() < until,
+            "the standby did not replay the complete segments"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Rows in the segment being filled: stored as pieces, not for the standby.
+    insert_batch(&src, "growing", 500);
+    let piece_of = |segment: &str| {
+        repo.keys()
+            .iter()
+            .any(|k| k.starts_with("stream/") && k.contains(segment))
+    };
+    let growing = src.current_wal_file();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !piece_of(&growing) {
+        assert!(Instant::now() < until, "no piece of {growing} stored");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rows(&standby),
+        complete,
+        "the standby replayed the growing tail"
+    );
+    assert!(
+        !standby.server_log().contains("streamed tail"),
+        "the standby was given the growing tail"
+    );
+
+    // Complete now: the standby replays it.
+    let full = src.psql("select count(*) from t");
+    let last = src.switch_wal();
+    wait_stored(&repo, std::slice::from_ref(&last), &src, "stream.log");
+    let until = Instant::now() + Duration::from_secs(60);
+    while rows(&standby) != full {
+        assert!(
+            Instant::now() < until,
+            "the standby did not replay the completed segment\n{}",
+            sys::tail(&standby.server_log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(child);
 }
