@@ -200,6 +200,12 @@ impl Codec {
         self
     }
 
+    /// The same key and chunk size with another compression.
+    pub fn with_compression(mut self, compression: Compression) -> Codec {
+        self.compression = compression;
+        self
+    }
+
     /// Sets how many threads encode or decode the chunks of one object.
     pub fn with_threads(mut self, threads: usize) -> Codec {
         self.threads = threads.max(1);

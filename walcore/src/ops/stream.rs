@@ -29,6 +29,8 @@ use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
 use super::tail::{self, Piece};
 use crate::backup::plan::newest_segment;
@@ -87,6 +89,9 @@ impl StreamOptions {
 /// Complete segments waiting for their store beyond this many stop the reading from the
 /// server until one is stored: memory stays bounded when the store is slower than the server.
 const MAX_PENDING_SEGMENTS: usize = 4;
+
+/// Pieces stored at once in synchronous mode, each continuing the one before.
+const MAX_DELTAS_IN_FLIGHT: usize = 3;
 
 /// Streams until an error that waiting cannot cure (another cluster, a hole, a bad setting) or
 /// SIGTERM/SIGINT (after storing what has arrived); everything else (the server gone, the
@@ -180,8 +185,9 @@ fn retryable(e: &Error) -> bool {
 
 /// What one store made durable.
 enum Stored {
-    /// Complete segment number N.
-    Segment(u64),
+    /// Complete segment number N, and the size of the pieces of it to remove, if any may
+    /// exist.
+    Segment(u64, Option<u32>),
     /// A piece of segment N.
     Piece(u64, Piece),
 }
@@ -194,6 +200,8 @@ struct Filling {
     buf: Vec<u8>,
     /// Bytes from its start that stored pieces hold without a gap.
     durable: u32,
+    /// Bytes from its start that pieces stored or being stored hold.
+    submitted: u32,
     /// Whether pieces of it may be stored (this session's or an earlier one's).
     has_pieces: bool,
     /// When the last piece from offset 0 was started (or the session began).
@@ -252,6 +260,7 @@ impl<'a> Progress<'a> {
                     segno: self.filling.segno + 1,
                     buf: Vec::with_capacity(seg_bytes as usize),
                     durable: 0,
+                    submitted: 0,
                     has_pieces: false,
                     consolidated_at: self.filling.consolidated_at,
                 };
@@ -263,26 +272,31 @@ impl<'a> Progress<'a> {
         Ok(())
     }
 
-    /// The next store to run, if any is due: complete segments first, then a piece of the
-    /// segment being filled (at once in synchronous mode or when `now` is set, otherwise when
-    /// the partial interval has passed).
-    fn next_job(&mut self, now: bool) -> Option<Job<'a>> {
+    /// The next store to run, if any is due, given `in_flight` stores already running:
+    /// complete segments first, then a piece of the segment being filled (at once in
+    /// synchronous mode or when `now` is set, otherwise when the partial interval has passed).
+    /// A complete segment and a piece from offset 0 run alone (they remove what they
+    /// supersede); in synchronous mode up to [`MAX_DELTAS_IN_FLIGHT`] pieces that continue the
+    /// submitted ones run at once, so that a commit waits for one store, not for the end of the
+    /// one before it too. Stores finish in the order they began (see `session`).
+    fn next_job(&mut self, in_flight: usize, now: bool) -> Option<Job<'a>> {
         let repo = self.repo;
-        if let Some((segno, bytes, has_pieces)) = self.pending.pop_front() {
+        if !self.pending.is_empty() {
+            if in_flight > 0 {
+                return None;
+            }
+            let (segno, bytes, has_pieces) = self.pending.pop_front()?;
             let name = self.name(segno);
             let spool = self.options.spool.clone();
             let size = self.seg.bytes();
             return Some(Box::pin(async move {
                 store_segment(repo, &spool, &name, &bytes).await?;
-                if has_pieces {
-                    tail::remove_superseded(repo, &name, size, None).await;
-                }
-                Ok(Stored::Segment(segno))
+                Ok(Stored::Segment(segno, has_pieces.then_some(size)))
             }));
         }
         let f = &mut self.filling;
         let len = f.buf.len() as u32;
-        if len <= f.durable {
+        if len <= f.submitted {
             return None;
         }
         let due = f.consolidated_at.elapsed() >= self.options.partial_interval;
@@ -290,36 +304,47 @@ impl<'a> Progress<'a> {
             return None;
         }
         // A piece from the start when one is due (or there is none yet), else the bytes after
-        // the stored ones.
-        let from = if due || now || f.durable == 0 {
+        // the submitted ones.
+        let from = if due || now || f.submitted == 0 {
+            if in_flight > 0 {
+                return None;
+            }
             f.consolidated_at = Instant::now();
             0
         } else {
-            f.durable
+            if in_flight >= MAX_DELTAS_IN_FLIGHT {
+                return None;
+            }
+            f.submitted
         };
         f.has_pieces = true;
+        f.submitted = len;
         let segno = f.segno;
         let bytes = Bytes::copy_from_slice(&f.buf[from as usize..]);
         let name = self.name(segno);
         Some(Box::pin(async move {
             let piece = tail::put_piece(repo, &name, from, bytes).await?;
-            if piece.from == 0 {
-                tail::remove_superseded(repo, &name, piece.to, Some(&piece)).await;
-            }
             Ok(Stored::Piece(segno, piece))
         }))
     }
 
-    /// Records what a store made durable.
-    fn stored(&mut self, done: Stored) {
+    /// Records what a store made durable; returns the pieces it superseded, to be removed
+    /// (segment, reach, piece to keep).
+    fn stored(&mut self, done: Stored) -> Option<(WalFileName, u32, Option<Piece>)> {
         let seg_bytes = self.seg_bytes();
-        let reach = match done {
-            Stored::Segment(segno) => Lsn((segno + 1) * seg_bytes),
+        let (reach, superseded) = match done {
+            Stored::Segment(segno, pieces) => (
+                Lsn((segno + 1) * seg_bytes),
+                pieces.map(|size| (self.name(segno), size, None)),
+            ),
             Stored::Piece(segno, piece) => {
                 if segno == self.filling.segno {
                     self.filling.durable = self.filling.durable.max(piece.to);
                 }
-                Lsn(segno * seg_bytes + u64::from(piece.to))
+                let reach = Lsn(segno * seg_bytes + u64::from(piece.to));
+                let superseded =
+                    (piece.from == 0).then(|| (piece.name.clone(), piece.to, Some(piece)));
+                (reach, superseded)
             }
         };
         if reach > self.flushed {
@@ -328,15 +353,23 @@ impl<'a> Progress<'a> {
         if self.flushed >= self.received {
             self.unflushed_since = None;
         }
+        superseded
     }
 
     /// Stores what is pending and what has arrived of the segment being filled.
     async fn store_everything(&mut self) -> Result<(), Error> {
-        while let Some(job) = self.next_job(true) {
+        while let Some(job) = self.next_job(0, true) {
             let done = job.await?;
-            self.stored(done);
+            self.settle(done).await;
         }
         Ok(())
+    }
+
+    /// [`stored`](Self::stored), then the removal of what it superseded, waited for.
+    async fn settle(&mut self, done: Stored) {
+        if let Some((name, reach, keep)) = self.stored(done) {
+            tail::remove_superseded(self.repo, &name, reach, keep.as_ref()).await;
+        }
     }
 
     fn status(&self) -> StatusUpdate {
@@ -453,6 +486,7 @@ async fn session(
             segno: first,
             buf: Vec::with_capacity(seg.bytes() as usize),
             durable: 0,
+            submitted: 0,
             has_pieces,
             consolidated_at: Instant::now(),
         },
@@ -462,20 +496,25 @@ async fn session(
         unflushed_since: None,
         server_end: start,
     };
-    let mut job: Option<Job<'_>> = None;
+    // Stores running, finishing in the order they began: the flush position only moves over
+    // a run of stores that all finished.
+    let mut jobs: FuturesOrdered<Job<'_>> = FuturesOrdered::new();
+    let mut removals = tokio::task::JoinSet::new();
     let mut last_status = Instant::now();
     let mut last_lag_log = Instant::now();
     let mut reported = start;
     let outcome: Result<Ended, Error> = loop {
         // Group commit: take in what has already arrived before the next store starts.
         let reading = p.pending.len() < MAX_PENDING_SEGMENTS;
-        if job.is_none() && (!conn.has_buffered() || !reading) {
-            job = p.next_job(false);
+        if !conn.has_buffered() || !reading {
+            while let Some(job) = p.next_job(jobs.len(), false) {
+                jobs.push_back(job);
+            }
         }
         let wake = {
             let status_at = last_status + options.status_interval;
             let piece_at = p.filling.consolidated_at + options.partial_interval;
-            if job.is_none() && p.filling.buf.len() as u32 > p.filling.durable {
+            if jobs.is_empty() && p.filling.buf.len() as u32 > p.filling.submitted {
                 status_at.min(piece_at)
             } else {
                 status_at
@@ -483,14 +522,23 @@ async fn session(
         };
         let mut reply = false;
         tokio::select! {
-            done = async { job.as_mut().expect("a job").await }, if job.is_some() => {
-                job = None;
+            Some(done) = jobs.next(), if !jobs.is_empty() => {
                 match done {
                     Ok(done) => {
-                        p.stored(done);
+                        // Superseded pieces are removed beside the stream, so that a
+                        // synchronous commit never waits for a clean-up.
+                        if let Some((name, reach, keep)) = p.stored(done) {
+                            let repo = repo.clone();
+                            removals.spawn(async move {
+                                tail::remove_superseded(&repo, &name, reach, keep.as_ref()).await;
+                            });
+                        }
                         *stored += 1;
                     }
-                    Err(e) => break Err(e),
+                    // The store failed: nothing after it may be stored (a later segment
+                    // stored before this one would read as the repository's end, leaving a
+                    // hole behind it at the next start).
+                    Err(e) => return Err(e),
                 }
             }
             event = conn.recv_stream(options.silence), if reading => match event {
@@ -532,12 +580,10 @@ async fn session(
 
     // Whatever ended the session, what has arrived is stored before it returns: the server may
     // be gone for good, and these bytes are the newest the repository can hold.
-    if let Some(j) = job.take() {
-        match j.await {
-            Ok(done) => p.stored(done),
-            Err(e) => return Err(e),
-        }
+    while let Some(done) = jobs.next().await {
+        p.settle(done?).await;
     }
+    removals.join_all().await;
     if let Ok(Ended::Timeline) = outcome {
         end_of_timeline(&mut p).await?;
     } else {
@@ -559,7 +605,7 @@ async fn end_of_timeline(p: &mut Progress<'_>) -> Result<(), Error> {
         if has_pieces {
             tail::remove_superseded(p.repo, &name, p.seg.bytes(), None).await;
         }
-        p.stored(Stored::Segment(segno));
+        p.stored(Stored::Segment(segno, None));
     }
     if p.filling.buf.is_empty() {
         return Ok(());
@@ -616,6 +662,9 @@ async fn remove_leftover_pieces(
     first: u64,
 ) {
     let prefix = tail::timeline_prefix(tli);
+    // Before this session stores anything, no one writes here: what a killed session left
+    // half-written goes.
+    let _ = repo.store().remove_temporaries(&prefix).await;
     let keys = match repo.store().list(&prefix).await {
         Ok(k) => k,
         Err(e) => {

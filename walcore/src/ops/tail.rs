@@ -125,7 +125,15 @@ pub async fn put_piece(
         to: from + bytes.len() as u32,
     };
     let key = piece.key();
-    let codec = repo.codec().clone();
+    // A piece after the start lives seconds, until the next piece from the start supersedes
+    // it: it is stored uncompressed (compressing a few kilobytes costs more than it saves).
+    let codec = if from > 0 {
+        repo.codec()
+            .clone()
+            .with_compression(crate::codec::Compression::None)
+    } else {
+        repo.codec().clone()
+    };
     let data = bytes.clone();
     let key_owned = key.clone();
     let (outcome, _) = repo
@@ -133,7 +141,7 @@ pub async fn put_piece(
             let codec = codec.clone();
             let data = data.clone();
             let k = key_owned.clone();
-            repo.store().put_create_with(&key_owned, move |w| {
+            repo.store().put_create_once_with(&key_owned, move |w| {
                 codec
                     .encode(&k, Cursor::new(data), w)
                     .map_err(|e| Error::from(e).context(format!("encoding {k}")))
@@ -206,18 +214,26 @@ pub async fn remove_superseded(
             return;
         }
     };
-    let mut left = 0usize;
-    for p in listed {
-        if Some(&p) == keep || p.to > reach {
-            left += 1;
-            continue;
-        }
-        if let Err(e) = repo.store().delete(&p.key()).await {
-            tracing::warn!(key = %p.key(), "superseded piece not removed: {e}");
-            left += 1;
-        }
+    if keep.is_none() {
+        // Nothing writes pieces of a segment once it is complete: what a killed writer left
+        // half-written goes too (pieces are written without looking for it, see `put_piece`).
+        let _ = repo.store().remove_temporaries(&segment_prefix(name)).await;
     }
-    if left == 0 {
+    let (gone, kept): (Vec<Piece>, Vec<Piece>) = listed
+        .into_iter()
+        .partition(|p| Some(p) != keep && p.to <= reach);
+    if gone.is_empty() {
+        if kept.is_empty() {
+            let _ = repo.store().prune_empty_dirs(&segment_prefix(name)).await;
+        }
+        return;
+    }
+    let keys: Vec<String> = gone.iter().map(Piece::key).collect();
+    if let Err(e) = repo.store().delete_many(&keys).await {
+        tracing::warn!("superseded pieces of {name} not all removed: {e}");
+        return;
+    }
+    if kept.is_empty() {
         let _ = repo.store().prune_empty_dirs(&segment_prefix(name)).await;
     }
 }
@@ -249,6 +265,36 @@ pub async fn read_tail(
         segment[p.from as usize..p.to as usize].copy_from_slice(&bytes);
     }
     Ok(Some((segment, reach)))
+}
+
+/// How far the stored tail of segment `name` reaches from its start without a gap, and when
+/// the newest piece of that run was stored; `None` when no piece starts at 0.
+pub async fn reach(
+    repo: &Repository,
+    name: &WalFileName,
+) -> Result<Option<(u32, std::time::SystemTime)>, Error> {
+    let prefix = segment_prefix(name);
+    let listed = repo
+        .store()
+        .list_info(&prefix)
+        .await
+        .map_err(|e| e.into_error("listing", &prefix, &repo.store().describe()))?;
+    let found: Vec<(Piece, std::time::SystemTime)> = listed
+        .iter()
+        .filter_map(|o| Some((Piece::parse(&o.key)?, o.modified)))
+        .collect();
+    let pieces: Vec<Piece> = found.iter().map(|(p, _)| p.clone()).collect();
+    let run = chain(&pieces);
+    let Some(end) = run.last().map(|p| p.to) else {
+        return Ok(None);
+    };
+    let newest = found
+        .iter()
+        .filter(|(p, _)| run.contains(p))
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or(std::time::UNIX_EPOCH);
+    Ok(Some((end, newest)))
 }
 
 /// Whether the data directory `restore_command` runs in (its working directory) is a standby:

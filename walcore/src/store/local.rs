@@ -87,6 +87,18 @@ impl LocalStore {
         key: &str,
         produce: impl FnOnce(&mut dyn Write) -> Result<T, E>,
     ) -> Result<(PutOutcome, T), PutError<E>> {
+        self.put_create_sweeping(key, true, produce)
+    }
+
+    /// [`put_create_with`](Self::put_create_with); `sweep` false skips the removal of other
+    /// writers' temporary files for the key (a read of the whole directory), for keys that
+    /// only one writer ever writes, in directories that hold many objects.
+    pub fn put_create_sweeping<T, E>(
+        &self,
+        key: &str,
+        sweep: bool,
+        produce: impl FnOnce(&mut dyn Write) -> Result<T, E>,
+    ) -> Result<(PutOutcome, T), PutError<E>> {
         let target = self.path(key);
         let dir = target
             .parent()
@@ -144,7 +156,9 @@ impl LocalStore {
         fsync_dir(&dir).map_err(|e| PutError::Store(io_error(e)))?;
         // The key exists now, so every other temporary file for it is useless: a writer that
         // was killed left it, or one still writing will find the key taken either way.
-        remove_temporaries_of(&dir, &file_name);
+        if sweep {
+            remove_temporaries_of(&dir, &file_name);
+        }
         Ok((outcome, value))
     }
 

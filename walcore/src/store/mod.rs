@@ -314,12 +314,40 @@ impl Store {
         F: FnOnce(&mut dyn Write) -> Result<T, Error> + Send + 'static,
         T: Send + 'static,
     {
+        self.put_create_sweeping(key, true, produce).await
+    }
+
+    /// [`put_create_with`](Self::put_create_with) for a key only one writer ever writes, in a
+    /// directory of many objects: on a file system, other writers' temporary files for the key
+    /// are not looked for (that reads the whole directory).
+    pub async fn put_create_once_with<T, F>(
+        &self,
+        key: &str,
+        produce: F,
+    ) -> Result<(PutOutcome, T), Error>
+    where
+        F: FnOnce(&mut dyn Write) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.put_create_sweeping(key, false, produce).await
+    }
+
+    async fn put_create_sweeping<T, F>(
+        &self,
+        key: &str,
+        sweep: bool,
+        produce: F,
+    ) -> Result<(PutOutcome, T), Error>
+    where
+        F: FnOnce(&mut dyn Write) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
         let store = self.describe();
         match self {
             Store::Local(l) => {
                 let l = l.clone();
                 let key_owned = key.to_string();
-                let r = blocking(move || l.put_create_with(&key_owned, produce))
+                let r = blocking(move || l.put_create_sweeping(&key_owned, sweep, produce))
                     .await
                     .map_err(|e| e.into_error("writing", key, &store))?;
                 r.map_err(|e| match e {
