@@ -95,6 +95,32 @@ pub fn empty_cluster(major: u32) -> Cluster {
     c
 }
 
+/// `restore` of `tool`'s repository into a new PostgreSQL 15 cluster whose restore_command is
+/// its own copy of walcore-restore, with `extra` arguments (a target); not started.
+pub fn restore_into_new(tool: &Tool, extra: &[&str]) -> Cluster {
+    let dst = empty_cluster(15);
+    let program = dst.install(bins::RESTORE).to_string_lossy().into_owned();
+    let data = dst.data.to_string_lossy().into_owned();
+    let mut args = vec!["restore", "--pgdata", &data, "--restore-program", &program];
+    args.extend_from_slice(extra);
+    tool.ok(&args);
+    dst
+}
+
+/// [`restore_into_new`], then recovery, which must end in a promotion.
+pub fn restore_and_recover(
+    tool: &Tool,
+    env: &[(String, String)],
+    extra: &[&str],
+    what: &str,
+) -> Cluster {
+    let mut dst = restore_into_new(tool, extra);
+    prepare_restored(&mut dst, env);
+    let outcome = scenario::run_recovery(&dst);
+    assert_promoted(&dst, outcome, what);
+    dst
+}
+
 /// After a restore: this cluster's own socket, no archiving, the repository's environment.
 pub fn prepare_restored(c: &mut Cluster, env: &[(String, String)]) {
     c.set("unix_socket_directories", &c.sock.to_string_lossy());

@@ -11,7 +11,7 @@ use walcore_e2e::repo::{Codec, KEY_1, wal_key};
 use walcore_e2e::workload::{create_table, insert_batch};
 use walcore_e2e::{Cluster, Repo, bins, sys};
 
-use crate::backup::{Tool, conninfo};
+use crate::backup::{Tool, conninfo, restore_and_recover, restore_into_new};
 
 const SLOT: &str = "walcore_e2e";
 
@@ -256,22 +256,12 @@ fn a_promotion_while_streaming_keeps_the_old_timeline_partial_and_follows_the_ne
     );
 
     for (target, want) in [(&before_switch, "a"), (&after_switch, "a,b,c")] {
-        let mut dst = crate::backup::empty_cluster(15);
-        let restore_bin = dst.install(bins::RESTORE);
-        let data = dst.data.to_string_lossy().into_owned();
-        let program = restore_bin.to_string_lossy().into_owned();
-        tool.ok(&[
-            "restore",
-            "--pgdata",
-            &data,
-            "--restore-program",
-            &program,
-            "--target-time",
-            target,
-        ]);
-        crate::backup::prepare_restored(&mut dst, &env);
-        let outcome = crate::scenario::run_recovery(&dst);
-        crate::scenario::assert_promoted(&dst, outcome, "restore across a promotion");
+        let dst = restore_and_recover(
+            &tool,
+            &env,
+            &["--target-time", target],
+            "restore across a promotion",
+        );
         assert_eq!(
             dst.psql("select string_agg(distinct batch, ',' order by batch) from t"),
             want,
@@ -365,19 +355,12 @@ fn stream_and_archive_command_together_through_kills_store_each_segment_once() {
             .expect("a piece key names its segment");
         assert!(
             !keys.contains(&wal_key(segment)),
-            "{piece} outlived its complete segment"
+            "{piece} outlived its complete segment; the streams' logs:\n{logs}"
         );
     }
 
     let want = walcore_e2e::workload::fingerprint(&src);
-    let mut dst = crate::backup::empty_cluster(15);
-    let restore_bin = dst.install(bins::RESTORE);
-    let data = dst.data.to_string_lossy().into_owned();
-    let program = restore_bin.to_string_lossy().into_owned();
-    tool.ok(&["restore", "--pgdata", &data, "--restore-program", &program]);
-    crate::backup::prepare_restored(&mut dst, &env);
-    let outcome = crate::scenario::run_recovery(&dst);
-    crate::scenario::assert_promoted(&dst, outcome, "restore of the latest state");
+    let dst = restore_and_recover(&tool, &env, &[], "restore of the latest state");
     assert_eq!(walcore_e2e::workload::fingerprint(&dst), want);
     assert!(
         dst.server_log().contains("restored the streamed tail"),
@@ -410,11 +393,7 @@ fn a_standby_following_the_repository_never_replays_the_growing_tail() {
     let done = src.switch_wal();
     wait_stored(&repo, std::slice::from_ref(&done), &src, "stream.log");
 
-    let mut standby = crate::backup::empty_cluster(15);
-    let restore_bin = standby.install(bins::RESTORE);
-    let data = standby.data.to_string_lossy().into_owned();
-    let program = restore_bin.to_string_lossy().into_owned();
-    tool.ok(&["restore", "--pgdata", &data, "--restore-program", &program]);
+    let mut standby = restore_into_new(&tool, &[]);
     std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
     crate::backup::prepare_restored(&mut standby, &env);
     // It asks the repository again every 200 ms, not every 5 s.
@@ -444,6 +423,14 @@ fn a_standby_following_the_repository_never_replays_the_growing_tail() {
         assert!(Instant::now() < until, "no piece of {growing} stored");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let status: serde_json::Value =
+        serde_json::from_str(&tool.ok(&["status", "--json"])).expect("status");
+    assert_eq!(
+        status["stream_tail"]["segment"],
+        growing.as_str(),
+        "status does not show the tail: {status:#}"
+    );
+    assert!(status["stream_tail"]["bytes"].as_u64().unwrap_or(0) > 0);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         rows(&standby),

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use walcore_e2e::repo::{Codec, KEY_1};
 use walcore_e2e::{Cluster, Moto, Repo, bins, moto, sys};
 
-use crate::backup::{Tool, conninfo, empty_cluster, prepare_restored};
-use crate::scenario::{self, assert_promoted};
+use crate::backup::{Tool, conninfo, restore_and_recover};
 
 const SLOT: &str = "walcore_rpo";
 
@@ -223,14 +222,7 @@ fn crash_once(env: &[(String, String)], crash: Crash) -> Loss {
     let acked = writer.join().expect("committer");
     std::fs::remove_dir_all(&src.data).expect("delete the data directory");
 
-    let mut dst = empty_cluster(15);
-    let restore_bin = dst.install(bins::RESTORE);
-    let data = dst.data.to_string_lossy().into_owned();
-    let program = restore_bin.to_string_lossy().into_owned();
-    tool.ok(&["restore", "--pgdata", &data, "--restore-program", &program]);
-    prepare_restored(&mut dst, env);
-    let outcome = scenario::run_recovery(&dst);
-    assert_promoted(&dst, outcome, "restore of the latest state");
+    let dst = restore_and_recover(&tool, env, &[], "restore of the latest state");
     let present: std::collections::HashSet<i64> = dst
         .psql("select id from acked")
         .lines()
@@ -248,35 +240,72 @@ fn crash_once(env: &[(String, String)], crash: Crash) -> Loss {
     }
 }
 
-/// `crashes` crashes in default mode, each on a fresh repository from `repo`.
-fn default_mode(repo: impl Fn() -> Repo, crashes: usize) {
+/// `n` crashes, each on a fresh repository from `repo`, every other one taking the stream down
+/// with the server; what each cost, after checking that the workload committed.
+fn crashes(repo: impl Fn() -> Repo, n: usize, crash: Crash) -> Vec<Loss> {
+    (0..n)
+        .map(|i| {
+            let crash = Crash {
+                stream_dies_too: i % 2 == 1,
+                ..crash
+            };
+            let repo = repo();
+            let loss = crash_once(&repo.env(&Codec::encrypted(KEY_1)), crash);
+            eprintln!(
+                "crash {i} {crash:?}: {} acknowledged, {} missing (oldest {:?} before the kill), \
+                 tail used: {}",
+                loss.acknowledged,
+                loss.missing.len(),
+                loss.missing.iter().max(),
+                loss.tail_used
+            );
+            assert!(
+                loss.acknowledged > 0,
+                "crash {i}: the workload committed nothing"
+            );
+            loss
+        })
+        .collect()
+}
+
+/// Default mode: what is missing was acknowledged within the partial interval plus a second.
+fn default_mode(repo: impl Fn() -> Repo, n: usize) {
     let interval = Duration::from_secs(2);
-    let mut tails = 0;
-    for i in 0..crashes {
-        let crash = Crash {
-            synchronous: false,
-            stream_dies_too: i % 2 == 1,
-            partial_interval: interval,
-        };
-        let repo = repo();
-        let loss = crash_once(&repo.env(&Codec::encrypted(KEY_1)), crash);
-        eprintln!(
-            "{crash:?}: {} acknowledged, {} missing (oldest {:?} before the kill), tail used: {}",
-            loss.acknowledged,
-            loss.missing.len(),
-            loss.missing.iter().max(),
-            loss.tail_used
-        );
-        assert!(loss.acknowledged > 0, "the workload committed nothing");
-        let bound = interval + Duration::from_secs(1);
+    let crash = Crash {
+        synchronous: false,
+        stream_dies_too: false,
+        partial_interval: interval,
+    };
+    let losses = crashes(repo, n, crash);
+    let bound = interval + Duration::from_secs(1);
+    for (i, loss) in losses.iter().enumerate() {
         assert!(
             loss.missing.iter().all(|d| *d <= bound),
-            "{crash:?}: commits acknowledged up to {:?} before the kill are missing (bound {bound:?})",
+            "crash {i}: commits acknowledged up to {:?} before the kill are missing (bound {bound:?})",
             loss.missing.iter().max()
         );
-        tails += usize::from(loss.tail_used);
     }
-    assert!(tails > 0, "no recovery used the streamed tail");
+    assert!(
+        losses.iter().any(|l| l.tail_used),
+        "no recovery used the streamed tail"
+    );
+}
+
+/// Synchronous mode: nothing acknowledged is missing.
+fn synchronous(repo: impl Fn() -> Repo, n: usize) {
+    let crash = Crash {
+        synchronous: true,
+        stream_dies_too: false,
+        partial_interval: Duration::from_secs(10),
+    };
+    for (i, loss) in crashes(repo, n, crash).iter().enumerate() {
+        assert!(
+            loss.missing.is_empty(),
+            "crash {i}: {} acknowledged commits lost (acknowledged {:?} before the kill)",
+            loss.missing.len(),
+            loss.missing
+        );
+    }
 }
 
 #[test]
@@ -294,26 +323,13 @@ fn a_lost_server_costs_at_most_the_partial_interval_s3() {
 
 #[test]
 fn a_synchronous_stream_loses_no_acknowledged_commit_in_ten_crashes() {
-    for i in 0..10 {
-        let crash = Crash {
-            synchronous: true,
-            stream_dies_too: i % 2 == 1,
-            partial_interval: Duration::from_secs(10),
-        };
-        let repo = Repo::file();
-        let env = repo.env(&Codec::encrypted(KEY_1));
-        let loss = crash_once(&env, crash);
-        eprintln!(
-            "crash {i} {crash:?}: {} acknowledged, {} missing",
-            loss.acknowledged,
-            loss.missing.len()
-        );
-        assert!(loss.acknowledged > 0, "the workload committed nothing");
-        assert!(
-            loss.missing.is_empty(),
-            "crash {i}: {} acknowledged commits lost (acknowledged {:?} before the kill)",
-            loss.missing.len(),
-            loss.missing
-        );
+    synchronous(Repo::file, 10);
+}
+
+#[test]
+fn a_synchronous_stream_into_s3_loses_no_acknowledged_commit() {
+    if !moto::s3_enabled("stream_rpo::a_synchronous_stream_into_s3_loses_no_acknowledged_commit") {
+        return;
     }
+    synchronous(|| Repo::s3(Moto::shared()), 2);
 }

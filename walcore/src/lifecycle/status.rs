@@ -35,6 +35,8 @@ pub struct StatusReport {
     pub repository: RepositoryStatus,
     /// The newest segment stored on the newest timeline that has one.
     pub last_archived: Option<LastArchived>,
+    /// What `walcore stream` stored of the segment after the last archived one.
+    pub stream_tail: Option<StreamTail>,
     /// The complete backup that finished last.
     pub last_backup: Option<LastBackup>,
     /// Complete backups in the catalog.
@@ -130,6 +132,18 @@ pub struct Hole {
     pub segments: u64,
 }
 
+/// The tail of the archive: the segment being filled, as far as the stream stored it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamTail {
+    pub segment: String,
+    /// The WAL position the stored pieces reach without a gap.
+    pub reaches: String,
+    /// Bytes of the segment stored.
+    pub bytes: u32,
+    pub stored_at: String,
+    pub age_seconds: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoredBytes {
     pub wal: u64,
@@ -160,6 +174,23 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
             stored_at: catalog::format_time(end.stored_at.into()),
             age_seconds: age(now, end.stored_at.into()),
         });
+    }
+    let mut stream_tail = None;
+    if let Some(a) = &last_archived
+        && let Ok(name) = WalFileName::parse(&a.segment)
+        && let Ok(segno) = name.segno(seg)
+    {
+        let next = WalFileName::segment(name.timeline(), crate::pg::SegmentNo(segno.0 + 1), seg);
+        if let Some((bytes, at)) = crate::ops::tail::reach(repo, &next).await? {
+            let lsn = crate::pg::Lsn((segno.0 + 1) * u64::from(seg.bytes()) + u64::from(bytes));
+            stream_tail = Some(StreamTail {
+                segment: next.to_string(),
+                reaches: lsn.to_string(),
+                bytes,
+                stored_at: catalog::format_time(at),
+                age_seconds: age(now, at),
+            });
+        }
     }
     let window = window(&cat.records, &histories, &wal, seg, last_archived.as_ref());
     let last_backup = cat
@@ -196,6 +227,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
             key_fingerprint: repo.codec().key().map(|k| k.fingerprint().to_string()),
         },
         last_archived,
+        stream_tail,
         backups: cat.records.len(),
         last_backup,
         window,
@@ -334,6 +366,17 @@ impl fmt::Display for StatusReport {
                 ago(a.age_seconds)
             )?,
             None => writeln!(f, "last archived  nothing yet")?,
+        }
+        if let Some(t) = &self.stream_tail {
+            writeln!(
+                f,
+                "stream tail    {} up to {} ({}), stored {}, {} ago",
+                t.segment,
+                t.reaches,
+                human(u64::from(t.bytes)),
+                t.stored_at,
+                ago(t.age_seconds)
+            )?;
         }
         match &self.last_backup {
             Some(b) => writeln!(
