@@ -378,6 +378,19 @@ impl Cluster {
         c
     }
 
+    /// A streaming standby of `primary` (running), from a base backup of it, started.
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let backup = primary.base_backup();
+        let standby = Cluster::from_backup(&backup);
+        standby.set(
+            "primary_conninfo",
+            &format!("host={} port=5432 user=postgres", primary.sock.display()),
+        );
+        std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
+        standby.start();
+        standby
+    }
+
     /// The cluster's temporary directory (owned by the server user).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -919,14 +919,7 @@ fn a_stream_of_an_old_timeline_ends_at_the_switch_and_names_the_next() {
     primary.set("archive_mode", "off");
     primary.start();
     primary.psql("create table before_switch (x int)");
-    let backup = primary.base_backup();
-    let standby = Cluster::from_backup(&backup);
-    standby.set(
-        "primary_conninfo",
-        &format!("host={} port=5432 user=postgres", primary.sock.display()),
-    );
-    std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
-    standby.start();
+    let standby = Cluster::standby_of(&primary);
     assert_eq!(standby.psql("select pg_promote()"), "t");
     let history = std::fs::read_to_string(standby.data.join("pg_wal/00000002.history"))
         .expect("the promotion wrote 00000002.history");

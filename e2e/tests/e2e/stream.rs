@@ -189,14 +189,7 @@ fn a_promotion_while_streaming_keeps_the_old_timeline_partial_and_follows_the_ne
     tool.program = primary.install(bins::WALCORE);
     tool.take(&primary, &[]);
 
-    let backup = primary.base_backup();
-    let standby = Cluster::from_backup(&backup);
-    standby.set(
-        "primary_conninfo",
-        &format!("host={} port=5432 user=postgres", primary.sock.display()),
-    );
-    std::fs::write(standby.data.join("standby.signal"), "").expect("standby.signal");
-    standby.start();
+    let standby = Cluster::standby_of(&primary);
     let child = spawn_stream(&tool, &standby, "stream.log");
     let caught_up = |what: &str| {
         let want = primary.psql("select count(*) from t");
