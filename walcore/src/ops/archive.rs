@@ -66,9 +66,18 @@ async fn archive_named(
     }
 
     let path_buf = path.to_path_buf();
-    let outcome = repo
+    let outcome = match repo
         .with_retry(&format!("archiving {name}"), || push(repo, &path_buf, &key))
-        .await?;
+        .await
+    {
+        Err(e) if e.kind() == ErrorKind::Conflict && name.kind() == &WalFileKind::Partial => {
+            match same_up_to_the_switch(repo, path, &key, &name).await? {
+                Some(outcome) => outcome,
+                None => return Err(e),
+            }
+        }
+        other => other?,
+    };
     match &outcome {
         Archived::Stored {
             bytes,
@@ -85,6 +94,62 @@ async fn archive_named(
         }
     }
     Ok(outcome)
+}
+
+/// A `.partial` segment is the last of a timeline that ended inside it: its bytes up to the
+/// switch point are the timeline's WAL, and what follows is whatever the file held (zeros from
+/// `walcore stream`, WAL received past the switch or an old recycled segment from the server).
+/// Two copies that agree up to the switch point that a stored history file gives for it hold
+/// the same timeline: the stored one is kept and the archive succeeds, so that the promoted
+/// server's archiver does not stop on the copy the stream stored first. `None` when no stored
+/// history places a switch in this segment, or the copies differ before it.
+async fn same_up_to_the_switch(
+    repo: &Repository,
+    path: &Path,
+    key: &str,
+    name: &WalFileName,
+) -> Result<Option<Archived>, Error> {
+    let Some(meta) = repo.read_meta().await? else {
+        return Ok(None);
+    };
+    let seg = meta.segment_size()?;
+    let start = name.segno(seg)?.start_lsn(seg);
+    let end = start.0 + u64::from(seg.bytes());
+    let listed = repo
+        .store()
+        .list("wal/history/")
+        .await
+        .map_err(|e| e.into_error("listing", "wal/history/", &repo.store().describe()))?;
+    let histories =
+        crate::backup::plan::read_histories(repo, listed.iter().map(String::as_str)).await?;
+    let Some(switch) = histories
+        .values()
+        .flat_map(|h| h.entries())
+        .filter(|e| e.parent == name.timeline())
+        .map(|e| e.switch_point.0)
+        .filter(|&at| at > start.0 && at <= end)
+        .min()
+    else {
+        return Ok(None);
+    };
+    let upto = (switch - start.0) as usize;
+    let stored = repo.get_small(key).await?;
+    let local = std::fs::read(path).map_err(|e| read_error(path, e))?;
+    if stored.len() < upto || local.len() < upto || stored[..upto] != local[..upto] {
+        return Ok(None);
+    }
+    tracing::warn!(
+        key = %key,
+        "already archived with the same WAL up to the switch point {} and other bytes after \
+         it (the copy stored first is kept)",
+        crate::pg::Lsn(switch)
+    );
+    let crc = crc32fast::hash(&local);
+    Ok(Some(Archived::AlreadyArchived {
+        key: key.to_string(),
+        bytes: local.len() as u64,
+        crc,
+    }))
 }
 
 /// Checks a segment's first page against its name and the repository's cluster, recording the
@@ -286,5 +351,75 @@ impl<R: Read> Write for CompareWriter<R> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Layer};
+    use crate::ops::testing::{SEG, seg_name, segment};
+
+    /// The promoted server archives its own `.partial` after `walcore stream` stored one with
+    /// zeros past the switch: the same WAL up to the switch is accepted (the archiver must not
+    /// stop there), other WAL before it is still a conflict.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partial_that_agrees_up_to_the_switch_is_already_archived() {
+        const SYSID: u64 = 7_000_000_000_000_000_005;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("repo")).expect("repo");
+        let url = format!("file://{}", dir.path().join("repo").display());
+        let config = Config::load_with(Layer::default(), |k| {
+            (k == "WALCORE_REPO").then(|| url.clone())
+        })
+        .expect("config");
+        let repo = Repository::open(&config).expect("repo");
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            path
+        };
+        let partial = format!("{}.partial", seg_name(5));
+        // The stream's copy: WAL up to the switch, zeros after.
+        let switch = 0x0080_0000usize;
+        let mut ours = segment(5, SYSID, 0x11);
+        ours[switch..].fill(0);
+        archive_file(&repo, &file(&partial, &ours))
+            .await
+            .expect("the stream's copy");
+        // The server's copy: the same up to the switch, an old recycled segment after.
+        let mut theirs = ours.clone();
+        theirs[switch..].fill(0x77);
+
+        // Without a history file placing the switch, nothing says where the timeline ends.
+        let e = archive_file(&repo, &file(&partial, &theirs))
+            .await
+            .expect_err("no history");
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+
+        let start = 5 * u64::from(SEG);
+        let history = format!(
+            "1\t0/{:X}\tno recovery target specified\n",
+            start + switch as u64
+        );
+        archive_file(&repo, &file("00000002.history", history.as_bytes()))
+            .await
+            .expect("history");
+        let done = archive_file(&repo, &file(&partial, &theirs))
+            .await
+            .expect("the same WAL up to the switch");
+        assert!(matches!(done, Archived::AlreadyArchived { .. }), "{done:?}");
+
+        // Different before the switch: a conflict, the stored copy untouched.
+        let mut other = theirs.clone();
+        other[switch - 100] ^= 0xFF;
+        let e = archive_file(&repo, &file(&partial, &other))
+            .await
+            .expect_err("other WAL");
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        let stored = repo
+            .get_small(&wal_key(&WalFileName::parse(&partial).expect("name")))
+            .await;
+        assert_eq!(stored.expect("stored"), ours);
     }
 }
