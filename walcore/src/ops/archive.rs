@@ -115,11 +115,8 @@ async fn same_up_to_the_switch(
     let seg = meta.segment_size()?;
     let start = name.segno(seg)?.start_lsn(seg);
     let end = start.0 + u64::from(seg.bytes());
-    let listed = repo
-        .store()
-        .list("wal/history/")
-        .await
-        .map_err(|e| e.into_error("listing", "wal/history/", &repo.store().describe()))?;
+    let listed =
+        crate::backup::plan::listing(repo, "wal/history/", |s| s.list("wal/history/")).await?;
     let histories =
         crate::backup::plan::read_histories(repo, listed.iter().map(String::as_str)).await?;
     let Some(switch) = histories

@@ -14,8 +14,9 @@
 //!
 //! What is reported: the flush position is what the repository holds durably, never more, so
 //! the slot never releases WAL the repository lacks, and synchronous replication waits for the
-//! repository. One store is in flight at a time; what arrives meanwhile makes the next one (a
-//! group commit).
+//! repository. What arrives while a store is in flight makes the next one (a group commit);
+//! complete segments and pieces from a segment's start are stored one at a time, synchronous
+//! pieces that continue each other up to [`MAX_DELTAS_IN_FLIGHT`] at once.
 //!
 //! Where it starts: after the newest segment the repository holds on the server's timeline;
 //! with none there, at the slot's position (or the server's, for a new slot). When the slot no
@@ -112,7 +113,7 @@ pub async fn stream(repo: &Repository, options: &StreamOptions) -> Result<(), Er
             backoff = Duration::from_secs(1);
         }
         match outcome {
-            Ok(Ended::Timeline) => {
+            Ok(Ended::Timeline(_)) => {
                 tracing::info!("the stream ended at a timeline switch; starting again")
             }
             Ok(Ended::Stopped) => {
@@ -165,7 +166,7 @@ impl Stop {
 /// Why a session ended without an error.
 enum Ended {
     /// The server's timeline ended; a new session goes on on the next one.
-    Timeline,
+    Timeline(TimelineId),
     /// A signal asked to stop.
     Stopped,
 }
@@ -185,9 +186,8 @@ fn retryable(e: &Error) -> bool {
 
 /// What one store made durable.
 enum Stored {
-    /// Complete segment number N, and the size of the pieces of it to remove, if any may
-    /// exist.
-    Segment(u64, Option<u32>),
+    /// Complete segment number N, and whether pieces of it may exist (to be removed).
+    Segment(u64, bool),
     /// A piece of segment N.
     Piece(u64, Piece),
 }
@@ -198,8 +198,6 @@ type Job<'a> = Pin<Box<dyn Future<Output = Result<Stored, Error>> + Send + 'a>>;
 struct Filling {
     segno: u64,
     buf: Vec<u8>,
-    /// Bytes from its start that stored pieces hold without a gap.
-    durable: u32,
     /// Bytes from its start that pieces stored or being stored hold.
     submitted: u32,
     /// Whether pieces of it may be stored (this session's or an earlier one's).
@@ -259,7 +257,6 @@ impl<'a> Progress<'a> {
                 let next = Filling {
                     segno: self.filling.segno + 1,
                     buf: Vec::with_capacity(seg_bytes as usize),
-                    durable: 0,
                     submitted: 0,
                     has_pieces: false,
                     consolidated_at: self.filling.consolidated_at,
@@ -288,10 +285,9 @@ impl<'a> Progress<'a> {
             let (segno, bytes, has_pieces) = self.pending.pop_front()?;
             let name = self.name(segno);
             let spool = self.options.spool.clone();
-            let size = self.seg.bytes();
             return Some(Box::pin(async move {
                 store_segment(repo, &spool, &name, &bytes).await?;
-                Ok(Stored::Segment(segno, has_pieces.then_some(size)))
+                Ok(Stored::Segment(segno, has_pieces))
             }));
         }
         let f = &mut self.filling;
@@ -333,14 +329,11 @@ impl<'a> Progress<'a> {
     fn stored(&mut self, done: Stored) -> Option<(WalFileName, u32, Option<Piece>)> {
         let seg_bytes = self.seg_bytes();
         let (reach, superseded) = match done {
-            Stored::Segment(segno, pieces) => (
+            Stored::Segment(segno, has_pieces) => (
                 Lsn((segno + 1) * seg_bytes),
-                pieces.map(|size| (self.name(segno), size, None)),
+                has_pieces.then(|| (self.name(segno), self.seg.bytes(), None)),
             ),
             Stored::Piece(segno, piece) => {
-                if segno == self.filling.segno {
-                    self.filling.durable = self.filling.durable.max(piece.to);
-                }
                 let reach = Lsn(segno * seg_bytes + u64::from(piece.to));
                 let superseded =
                     (piece.from == 0).then(|| (piece.name.clone(), piece.to, Some(piece)));
@@ -474,7 +467,13 @@ async fn session(
         .await?
     {
         tracing::info!("timeline {} ended before {start}: {end:?}", tli.0);
-        return Ok(Ended::Timeline);
+        let StreamEvent::TimelineEnded { next_timeline, .. } = end else {
+            return Err(Error::new(
+                ErrorKind::Internal,
+                format!("START_REPLICATION answered {end:?}"),
+            ));
+        };
+        return Ok(Ended::Timeline(next_timeline));
     }
 
     let mut p = Progress {
@@ -485,7 +484,6 @@ async fn session(
         filling: Filling {
             segno: first,
             buf: Vec::with_capacity(seg.bytes() as usize),
-            durable: 0,
             submitted: 0,
             has_pieces,
             consolidated_at: Instant::now(),
@@ -558,7 +556,7 @@ async fn session(
                         tli.0,
                         next_timeline.0
                     );
-                    break Ok(Ended::Timeline);
+                    break Ok(Ended::Timeline(next_timeline));
                 }
                 Err(e) => break Err(e.into()),
             },
@@ -584,7 +582,10 @@ async fn session(
         p.settle(done?).await;
     }
     removals.join_all().await;
-    if let Ok(Ended::Timeline) = outcome {
+    if let Ok(Ended::Timeline(next)) = outcome {
+        // The next timeline's history first: it places the switch, which lets the archive
+        // path accept the server's own `.partial` beside the one stored here.
+        store_history(repo, &options.spool, &mut conn, next).await?;
         end_of_timeline(&mut p).await?;
     } else {
         p.store_everything().await?;
@@ -599,13 +600,12 @@ async fn session(
 /// At the end of a timeline: complete segments are stored, and the segment the timeline ended
 /// in is stored as `.partial` under its own name: its bytes up to the switch, zeros after.
 async fn end_of_timeline(p: &mut Progress<'_>) -> Result<(), Error> {
-    while let Some((segno, bytes, has_pieces)) = p.pending.pop_front() {
-        let name = p.name(segno);
-        store_segment(p.repo, &p.options.spool, &name, &bytes).await?;
-        if has_pieces {
-            tail::remove_superseded(p.repo, &name, p.seg.bytes(), None).await;
-        }
-        p.stored(Stored::Segment(segno, None));
+    while !p.pending.is_empty() {
+        let Some(job) = p.next_job(0, false) else {
+            break;
+        };
+        let done = job.await?;
+        p.settle(done).await;
     }
     if p.filling.buf.is_empty() {
         return Ok(());
@@ -613,15 +613,7 @@ async fn end_of_timeline(p: &mut Progress<'_>) -> Result<(), Error> {
     let name = p.name(p.filling.segno).with_kind(WalFileKind::Partial);
     let mut bytes = std::mem::take(&mut p.filling.buf);
     bytes.resize(p.seg.bytes() as usize, 0);
-    match store_segment(p.repo, &p.options.spool, &name, &bytes).await {
-        Ok(()) => {}
-        // The server's own `.partial` (archived by its archive_command) was stored first: it
-        // holds the same WAL up to the switch, and what it has after is its own.
-        Err(e) if e.kind() == ErrorKind::Conflict => {
-            tracing::warn!("{name} is already stored as the server archived it; kept: {e}")
-        }
-        Err(e) => return Err(e),
-    }
+    store_segment(p.repo, &p.options.spool, &name, &bytes).await?;
     if p.filling.has_pieces {
         tail::remove_superseded(p.repo, &p.name(p.filling.segno), p.seg.bytes(), None).await;
     }

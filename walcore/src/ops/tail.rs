@@ -6,7 +6,7 @@
 //! ([`restore_tail`]): PostgreSQL gets the segment's bytes up to the furthest offset the pieces
 //! reach without a gap, and zeros after, which it reads as the end of the WAL.
 
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -166,24 +166,7 @@ pub async fn put_piece(
 /// The plaintext of a piece, checked to be as long as its key says.
 async fn read_piece(repo: &Repository, piece: &Piece) -> Result<Bytes, Error> {
     let key = piece.key();
-    let store = repo.store().describe();
-    let stored = repo
-        .store()
-        .get(&key)
-        .await
-        .map_err(|e| e.into_error("reading", &key, &store))?;
-    let codec = repo.codec().clone();
-    let k = key.clone();
-    let plain = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        codec
-            .decode(&k, Cursor::new(stored), &mut out)
-            .map(|_| out)
-            .map_err(Error::from)
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Internal, format!("decoder thread failed: {e}")))?
-    .map_err(|e| e.context(format!("reading {key} from {store}")))?;
+    let plain = repo.get_small(&key).await?;
     if plain.len() as u64 != u64::from(piece.to - piece.from) {
         return Err(Error::new(
             ErrorKind::Integrity,
@@ -324,12 +307,8 @@ pub async fn restore_tail(
     if (reach as usize) < SIZE_OF_XLOG_LONG_PHD {
         return Ok(None);
     }
-    let mut first = [0u8; SIZE_OF_XLOG_LONG_PHD];
-    Cursor::new(&segment[..])
-        .read_exact(&mut first)
-        .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
     check_segment_header(
-        &first,
+        &segment[..SIZE_OF_XLOG_LONG_PHD],
         &SegmentExpectations {
             name: name.clone(),
             system_id: Some(meta.system_id()?),
