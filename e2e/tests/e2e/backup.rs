@@ -36,6 +36,15 @@ impl Tool {
         }
     }
 
+    /// The operator binary `walcore` installed into `cluster`'s `bin/`, with `env`.
+    pub fn walcore(cluster: &Cluster, env: Vec<(String, String)>) -> Tool {
+        Tool {
+            program: cluster.install(bins::WALCORE),
+            env,
+            cwd: cluster.dir().to_path_buf(),
+        }
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = bins::clean_command(&self.program, &self.env);
         cmd.args(args).current_dir(&self.cwd);

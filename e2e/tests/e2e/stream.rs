@@ -75,8 +75,7 @@ fn streamed_segments_are_the_servers_and_a_restarted_stream_leaves_no_hole() {
     src.set("archive_mode", "off");
     src.start();
     create_table(&src);
-    let mut tool = Tool::new(&src, env.clone());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.clone());
 
     let child = spawn_stream(&tool, &src, "stream-1.log");
     let until = Instant::now() + Duration::from_secs(30);
@@ -185,8 +184,7 @@ fn a_promotion_while_streaming_keeps_the_old_timeline_partial_and_follows_the_ne
     primary.set_env(&env);
     primary.start();
     create_table(&primary);
-    let mut tool = Tool::new(&primary, env.clone());
-    tool.program = primary.install(bins::WALCORE);
+    let tool = Tool::walcore(&primary, env.clone());
     tool.take(&primary, &[]);
 
     let standby = Cluster::standby_of(&primary);
@@ -277,8 +275,7 @@ fn stream_and_archive_command_together_through_kills_store_each_segment_once() {
     src.set_env(&env);
     src.start();
     create_table(&src);
-    let mut tool = Tool::new(&src, env.clone());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.clone());
     tool.take(&src, &[]);
 
     let extra = ["--partial-interval", "200ms"];
@@ -373,8 +370,7 @@ fn a_standby_following_the_repository_never_replays_the_growing_tail() {
     src.set_env(&env);
     src.start();
     create_table(&src);
-    let mut tool = Tool::new(&src, env.clone());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.clone());
     let child = spawn_stream_with(&tool, &src, "stream.log", &["--partial-interval", "200ms"]);
     let until = Instant::now() + Duration::from_secs(30);
     while slot_restart(&src).is_empty() {
@@ -464,8 +460,7 @@ fn streaming_works_on_every_major() {
         src.set("archive_mode", "off");
         src.start();
         create_table(&src);
-        let mut tool = Tool::new(&src, env.clone());
-        tool.program = src.install(bins::WALCORE);
+        let tool = Tool::walcore(&src, env.clone());
         let extra = ["--partial-interval", "200ms"];
         let child = spawn_stream_with(&tool, &src, "stream-1.log", &extra);
         let until = Instant::now() + Duration::from_secs(30);

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use walcore_e2e::repo::{Codec, KEY_1};
-use walcore_e2e::{Cluster, Moto, Repo, bins, moto, sys};
+use walcore_e2e::{Cluster, Moto, Repo, moto, sys};
 
 use crate::backup::{Tool, conninfo, restore_and_recover};
 
@@ -187,8 +187,7 @@ fn crash_once(env: &[(String, String)], crash: Crash) -> Loss {
     src.set("wal_sender_timeout", "10s");
     src.start();
     src.psql("create table acked (id bigint primary key, pad text)");
-    let mut tool = Tool::new(&src, env.to_vec());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.to_vec());
 
     let mut stream = spawn_stream(&tool, &src, crash);
     wait_until("streaming", &src, || {

@@ -82,8 +82,7 @@ fn verify_faults(repo: &Repo) {
     let src = Cluster::archiving_into(&env);
     create_table(&src);
     insert_batch(&src, "pre", 1_000);
-    let mut tool = Tool::new(&src, env.clone());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.clone());
 
     // Backup 1, four segments, backup 2, four segments.
     let b1 = tool.take(&src, &[]);
@@ -292,8 +291,7 @@ fn an_index_write_killed_at_any_moment_leaves_list_right() {
     let repo = Repo::file();
     let env = repo.env(&Codec::encrypted(KEY_1));
     let src = Cluster::archiving_into(&env);
-    let mut tool = Tool::new(&src, env.clone());
-    tool.program = src.install(bins::WALCORE);
+    let tool = Tool::walcore(&src, env.clone());
     // Taken one after another: `list` gives them in that order (oldest first).
     let ids: Vec<String> = (0..3).map(|_| tool.take(&src, &[])).collect();
     src.stop();
