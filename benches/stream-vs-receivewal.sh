@@ -26,7 +26,8 @@
 # walcore-sync p50 within 1.5x of receivewal-sync's p50 (commit-heavy).
 #
 # Environment: DURATION (seconds per run, default 20), CLIENTS (default 4), SCALE (default 10),
-# PGBIN, KEEP=1. Runs as root (PostgreSQL and the tools then run as user postgres) or as a
+# WORKLOADS (default "commit-heavy wal-heavy"), VARIANTS (default "none walcore walcore-sync
+# receivewal-sync"; a ratio needs its baseline in the same run), PGBIN, KEEP=1. Runs as root (PostgreSQL and the tools then run as user postgres) or as a
 # normal user.
 set -euo pipefail
 export LC_ALL=C
@@ -169,13 +170,13 @@ percentile() { # p, reads numbers on stdin
 
 rows=()
 declare -A base_tps
-for workload in commit-heavy wal-heavy; do
-  for variant in none walcore walcore-sync receivewal-sync; do
+for workload in ${WORKLOADS:-commit-heavy wal-heavy}; do
+  for variant in ${VARIANTS:-none walcore walcore-sync receivewal-sync}; do
     echo "$workload / $variant: ${duration}s..." >&2
     start_stream "$variant"
-    logdir=$work/log-$workload-$variant
+    logdir=$work/log-$workload-$variant-${#rows[@]}
     as_pg mkdir "$logdir"
-    lagfile=$work/lag-$workload-$variant
+    lagfile=$work/lag-$workload-$variant-${#rows[@]}
     : >"$lagfile"
     chmod 666 "$lagfile"
     sample_lag "$lagfile" &
@@ -205,7 +206,7 @@ for workload in commit-heavy wal-heavy; do
       lags=$(awk '{ print $2 }' "$lagfile" | percentile 99)
       cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.1f", b - a }')
     fi
-    share=$(awk -v t="$tps" -v b="${base_tps[$workload]}" 'BEGIN { printf "%.2f", t / b }')
+    share=$(awk -v t="$tps" -v b="${base_tps[$workload]:-}" 'BEGIN { if (b == "") print "-"; else printf "%.2f", t / b }')
     rows+=("| $workload | $variant | $tps | $p50 | $p99 | $lagb | $lags | $cpu | $share |")
     echo "${rows[-1]}" >&2
   done

@@ -108,6 +108,15 @@ impl Repository {
         &self.store
     }
 
+    /// This repository over another handle of its store (one made by
+    /// [`Store::recycling`], say); what was read of the repository is kept.
+    pub fn with_store(&self, store: Store) -> Repository {
+        Repository {
+            store,
+            ..self.clone()
+        }
+    }
+
     pub fn codec(&self) -> &Codec {
         &self.codec
     }

@@ -104,6 +104,14 @@ pub async fn stream(repo: &Repository, options: &StreamOptions) -> Result<(), Er
             format!("creating the spool {}: {e}", options.spool.display()),
         )
     })?;
+    // Synchronous pieces come and go by the thousand a second: on a file system, their files
+    // are reused rather than allocated and freed each time.
+    let repo = &repo.with_store(
+        repo.store()
+            .recycling(tail::TAIL_PREFIX)
+            .await
+            .map_err(|e| e.into_error("preparing", tail::TAIL_PREFIX, &repo.store().describe()))?,
+    );
     let mut stop = Stop::new()?;
     let mut backoff = Duration::from_secs(1);
     loop {

@@ -229,7 +229,44 @@ pub async fn read_tail(
     name: &WalFileName,
     seg: WalSegmentSize,
 ) -> Result<Option<(Vec<u8>, u32)>, Error> {
-    let run = chain(&pieces(repo, name).await?);
+    read_listed(repo, name, seg, pieces(repo, name).await?).await
+}
+
+/// [`read_tail`] from pieces `listed` a moment ago.
+async fn read_listed(
+    repo: &Repository,
+    name: &WalFileName,
+    seg: WalSegmentSize,
+    mut listed: Vec<Piece>,
+) -> Result<Option<(Vec<u8>, u32)>, Error> {
+    let mut attempt = 1;
+    loop {
+        let run = chain(&listed);
+        match read_run(name, seg, repo, &run).await {
+            Ok(tail) => return Ok(tail),
+            Err(e) => {
+                // A running stream superseded a piece of the run and removed it (or wrote its
+                // file again) while it was read: the newer pieces hold its bytes. Any other
+                // failure is the answer.
+                let again = pieces(repo, name).await?;
+                if attempt >= 3 || run.iter().all(|p| again.contains(p)) {
+                    return Err(e);
+                }
+                tracing::debug!("a piece of {name} was superseded while read ({e:#}); again");
+                listed = again;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// [`read_tail`] of the pieces `run`.
+async fn read_run(
+    name: &WalFileName,
+    seg: WalSegmentSize,
+    repo: &Repository,
+    run: &[Piece],
+) -> Result<Option<(Vec<u8>, u32)>, Error> {
     let Some(reach) = run.last().map(|p| p.to) else {
         return Ok(None);
     };
@@ -243,7 +280,7 @@ pub async fn read_tail(
         ));
     }
     let mut segment = vec![0u8; seg.bytes() as usize];
-    for p in &run {
+    for p in run {
         let bytes = read_piece(repo, p).await?;
         segment[p.from as usize..p.to as usize].copy_from_slice(&bytes);
     }
@@ -371,6 +408,52 @@ mod tests {
         ] {
             assert_eq!(Piece::parse(not_a_piece), None, "{not_a_piece}");
         }
+    }
+
+    fn repo(dir: &Path) -> Repository {
+        use crate::codec::{Codec, Compression};
+        use crate::store::{LocalStore, Store};
+        Repository::new(
+            Store::Local(LocalStore::new(dir.to_path_buf())),
+            Codec::new(Compression::None, None),
+            std::time::Duration::from_secs(1),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_tail_read_while_the_stream_supersedes_its_pieces_reads_the_newer_ones() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let repo = repo(dir.path());
+        let seg = WalSegmentSize::new(1 << 20).expect("size");
+        let wal: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let first = put_piece(&repo, &name(), 0, Bytes::copy_from_slice(&wal[..100]))
+            .await
+            .expect("first");
+        put_piece(&repo, &name(), 100, Bytes::copy_from_slice(&wal[100..200]))
+            .await
+            .expect("delta");
+        let listed = pieces(&repo, &name()).await.expect("list");
+        // Meanwhile, a piece from the start supersedes both, and they go.
+        let whole = put_piece(&repo, &name(), 0, Bytes::copy_from_slice(&wal[..300]))
+            .await
+            .expect("whole");
+        remove_superseded(&repo, &name(), whole.to, Some(&whole)).await;
+        assert!(!pieces(&repo, &name()).await.expect("list").contains(&first));
+        let (bytes, reach) = read_listed(&repo, &name(), seg, listed)
+            .await
+            .expect("read")
+            .expect("a tail");
+        assert_eq!(reach, 300);
+        assert_eq!(&bytes[..300], &wal[..]);
+        assert!(bytes[300..].iter().all(|b| *b == 0));
+        // A piece that is there but does not read is an error, not a reason to read less.
+        let again = pieces(&repo, &name()).await.expect("list");
+        std::fs::remove_file(dir.path().join(whole.key())).expect("remove");
+        std::fs::write(dir.path().join(whole.key()), b"garbage").expect("corrupt");
+        let e = read_listed(&repo, &name(), seg, again)
+            .await
+            .expect_err("a corrupt piece");
+        assert!(e.to_string().contains(&whole.key()), "{e:#}");
     }
 
     #[test]

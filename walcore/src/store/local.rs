@@ -11,11 +11,14 @@
 //! as root would be the other choice; but root is where backups are often scheduled from, and
 //! giving each new object to the root directory's owner is what an operator then does by hand.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, BufWriter, Read, Seek, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use super::recycle::Recycler;
 use super::{PutOutcome, StoreError};
 use crate::owner::{Owner, running_as_root};
 
@@ -27,11 +30,65 @@ const OBJECT_MODE: u32 = 0o440;
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
+    /// Files of removed objects to write new ones into (see [`super::recycle`]).
+    recycler: Option<Arc<Recycler>>,
 }
 
 impl LocalStore {
     pub fn new(root: PathBuf) -> LocalStore {
-        LocalStore { root }
+        LocalStore {
+            root,
+            recycler: None,
+        }
+    }
+
+    /// This store, reusing the files of objects removed through [`retire`](Self::retire) for
+    /// new objects once they have rested `min_age`, with its pool in directory `prefix`.
+    pub fn recycling(&self, prefix: &str, min_age: Duration) -> io::Result<LocalStore> {
+        let dir = self
+            .path(prefix.trim_end_matches('/'))
+            .join(super::recycle::pool_dir_name());
+        create_dir_durable(&dir, &self.root, self.new_owner()?)?;
+        Ok(LocalStore {
+            root: self.root.clone(),
+            recycler: Some(Arc::new(Recycler::new(dir, min_age)?)),
+        })
+    }
+
+    /// Removes objects, keeping their files for new objects when this store recycles; absent
+    /// ones are not an error. Returns once the removals are durable (directories fsynced).
+    pub fn retire(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            let path = self.path(key);
+            let kept = match &self.recycler {
+                Some(r) => r.keep(&path),
+                None => Ok(false),
+            };
+            let removed = match kept {
+                Ok(true) => Ok(()),
+                Ok(false) => fs::remove_file(&path),
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(StoreError::Permanent(format!(
+                        "removing {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+            if let Some(dir) = path.parent() {
+                dirs.insert(dir.to_path_buf());
+            }
+        }
+        for dir in dirs {
+            fsync_dir_after_removal(&dir)
+                .map_err(|e| StoreError::Permanent(format!("syncing {}: {e}", dir.display())))?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -115,25 +172,46 @@ impl LocalStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut suffix = [0u8; 8];
-        getrandom::fill(&mut suffix)
-            .map_err(|e| PutError::Store(StoreError::Permanent(format!("no randomness: {e}"))))?;
-        let temp = dir.join(format!("{TEMP_PREFIX}{file_name}.{}", hex::encode(suffix)));
-        let result = (|| {
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(OBJECT_MODE)
-                .open(&temp)
-                .map_err(|e| PutError::Store(io_error(e)))?;
-            if let Some(o) = owner {
-                o.give_fd(&file).map_err(|e| PutError::Store(io_error(e)))?;
+        let reused = self.recycler.as_ref().and_then(|r| r.take());
+        let (opened, temp, recycled) = match reused {
+            Some((file, path)) => (Ok(file), path, true),
+            None => {
+                let mut suffix = [0u8; 8];
+                getrandom::fill(&mut suffix).map_err(|e| {
+                    PutError::Store(StoreError::Permanent(format!("no randomness: {e}")))
+                })?;
+                let temp = dir.join(format!("{TEMP_PREFIX}{file_name}.{}", hex::encode(suffix)));
+                let opened = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(OBJECT_MODE)
+                    .open(&temp)
+                    .and_then(|file| {
+                        if let Some(o) = owner {
+                            o.give_fd(&file)?;
+                        }
+                        Ok(file)
+                    });
+                (opened, temp, false)
             }
+        };
+        let result = (|| {
+            let file = opened.map_err(|e| PutError::Store(io_error(e)))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             let value = produce(&mut w).map_err(PutError::Produce)?;
-            let file = w
+            let mut file = w
                 .into_inner()
                 .map_err(|e| PutError::Store(io_error(e.into_error())))?;
+            if recycled {
+                // A removed object's file: cut what is left of its old bytes, and make it
+                // read-only as every object is.
+                (|| {
+                    let len = file.stream_position()?;
+                    file.set_len(len)?;
+                    file.set_permissions(Permissions::from_mode(OBJECT_MODE))
+                })()
+                .map_err(|e| PutError::Store(io_error(e)))?;
+            }
             file.sync_all().map_err(|e| PutError::Store(io_error(e)))?;
             drop(file);
             let outcome = match fs::hard_link(&temp, &target) {
@@ -333,7 +411,6 @@ fn create_dir_durable(dir: &Path, root: &Path, owner: Option<Owner>) -> io::Resu
     }
 }
 
-/// Fsyncs a directory so that entries created in it are durable.
 /// Removes the temporary files of object `file_name` in `dir` (best effort).
 fn remove_temporaries_of(dir: &Path, file_name: &str) {
     let prefix = format!("{TEMP_PREFIX}{file_name}.");
@@ -350,6 +427,7 @@ fn remove_temporaries_of(dir: &Path, file_name: &str) {
     }
 }
 
+/// Fsyncs a directory so that entries created in it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(test)]
     tests::SYNCED_DIRS.with(|d| d.borrow_mut().push(dir.to_path_buf()));

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod conformance;
 pub mod keys;
 pub mod local;
+mod recycle;
 pub mod remote;
 mod resume;
 pub mod scan;
