@@ -27,7 +27,10 @@
 #
 # Environment: DURATION (seconds per run, default 20), CLIENTS (default 4), SCALE (default 10),
 # WORKLOADS (default "commit-heavy wal-heavy"), VARIANTS (default "none walcore walcore-sync
-# receivewal-sync"; a ratio needs its baseline in the same run), PGBIN, KEEP=1. Runs as root (PostgreSQL and the tools then run as user postgres) or as a
+# receivewal-sync"; a ratio needs its baseline in the same run), REPO_DIR (where the streams
+# write: walcore's repositories and pg_receivewal's directories; default beside the cluster, in
+# a new directory under /tmp), STREAM_BENCH_BIN (a walcore binary to measure instead of building
+# this checkout: to compare two builds in turn), PGBIN, KEEP=1. Runs as root (PostgreSQL and the tools then run as user postgres) or as a
 # normal user.
 set -euo pipefail
 export LC_ALL=C
@@ -37,8 +40,10 @@ clients=${CLIENTS:-4}
 scale=${SCALE:-10}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 
-echo "building walcore (release)..." >&2
-cargo build --release -q -p basebackup --bin walcore
+if [ -z "${STREAM_BENCH_BIN:-}" ]; then
+  echo "building walcore (release)..." >&2
+  cargo build --release -q -p basebackup --bin walcore
+fi
 
 work=$(mktemp -d /tmp/walcore-stream-bench.XXXXXX)
 if [ "$(id -u)" = 0 ]; then
@@ -50,8 +55,13 @@ fi
 as_pg() { "${pg_user[@]}" "$@"; }
 chmod 755 "$work"
 mkdir -p "$work/bin"
-cp target/release/walcore "$work/bin/"
+cp "${STREAM_BENCH_BIN:-target/release/walcore}" "$work/bin/walcore"
 data=$work/data
+repos=$work
+if [ -n "${REPO_DIR:-}" ]; then
+  repos=$(mktemp -d "$REPO_DIR/walcore-stream-bench.XXXXXX")
+  [ "$(id -u)" = 0 ] && chown postgres: "$repos"
+fi
 sock=$work/sock
 stream_pid=''
 sampler_pid=''
@@ -60,7 +70,12 @@ cleanup() {
   [ -z "$sampler_pid" ] || kill "$sampler_pid" 2>/dev/null
   [ -z "$stream_pid" ] || kill -KILL "$stream_pid" 2>/dev/null
   [ -f "$data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1
-  if [ "${KEEP:-0}" = 1 ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    echo "kept $work $repos" >&2
+  else
+    rm -rf "$work"
+    [ "$repos" = "$work" ] || rm -rf "$repos"
+  fi
 }
 trap cleanup EXIT
 
@@ -99,7 +114,7 @@ start_stream() { # variant
   case $1 in
   none) stream_pid='' ;;
   walcore | walcore-sync)
-    repo=$work/repo-$1-$RANDOM
+    repo=$repos/repo-$1-$RANDOM
     as_pg mkdir "$repo"
     local -a flags=()
     [ "$1" = walcore-sync ] && flags=(--synchronous)
@@ -109,7 +124,7 @@ start_stream() { # variant
       --slot "$slot" "${flags[@]}" 2>>"$work/stream.log" &
     ;;
   receivewal-sync)
-    repo=$work/receivewal-$RANDOM
+    repo=$repos/receivewal-$RANDOM
     as_pg mkdir "$repo"
     slot=bench_$RANDOM
     as_pg "$PGBIN/pg_receivewal" -h "$sock" -U postgres -D "$repo" --slot "$slot" \
@@ -124,6 +139,11 @@ start_stream() { # variant
       stream_pid=$(pgrep -u postgres -f -- "--slot $slot( |\$)" | head -1) && [ -n "$stream_pid" ] && break
       sleep 0.1
     done
+  fi
+  if [ "$1" != none ] && [ -z "$stream_pid" ]; then
+    echo "the stream of $1 is not running; its log:" >&2
+    cat "$work/stream.log" >&2
+    exit 1
   fi
   case $1 in
   walcore-sync) sql "alter system set synchronous_standby_names = 'walcore'" ;;
