@@ -588,6 +588,26 @@ pub fn status(global: Global) -> u8 {
     })
 }
 
+/// Prints the repository's status as Prometheus metrics (`walcore metrics`); returns the exit
+/// code. When the status cannot be read, it still prints `walcore_status_up 0` (what a textfile
+/// collector should then publish) and fails.
+pub fn metrics(global: Global) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        let (text, read) = crate::serve::exposition_once(&repo).await;
+        print!("{text}");
+        read
+    })
+}
+
+/// Serves `/metrics` and `/healthz` (`walcore serve`) until stopped; returns the exit code.
+pub fn serve(global: Global, args: crate::serve::ServeArgs) -> u8 {
+    let (flags, json) = flags(global);
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
+        crate::serve::serve(repo, &args).await
+    })
+}
+
 /// Rebuilds the repository index from the objects alone (`walcore reindex`); returns the exit
 /// code.
 pub fn reindex(global: Global) -> u8 {

@@ -108,6 +108,15 @@ impl Repository {
         &self.store
     }
 
+    /// This repository with nothing read of it yet: the next reader reads the metadata from the
+    /// store again (a long-running reader, so that an unmounted or replaced repository shows).
+    pub fn fresh(&self) -> Repository {
+        Repository {
+            meta: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     /// This repository over another handle of its store (one made by
     /// [`Store::recycling`], say); what was read of the repository is kept.
     pub fn with_store(&self, store: Store) -> Repository {

@@ -63,6 +63,14 @@ enum Operator {
     /// show, restore and expire fast) from the objects alone. Never needed for a right answer:
     /// a stale or missing index only costs reads.
     Reindex,
+    /// Print the repository's status as Prometheus metrics (text exposition format), for
+    /// node_exporter's textfile collector: ages of the newest segment, backup and verify,
+    /// sizes, the restorable window, holes. Prints walcore_status_up 0 and fails when the
+    /// repository cannot be read.
+    Metrics,
+    /// Serve the metrics on /metrics, and /healthz, over HTTP; the status is read every
+    /// --interval, not at each scrape.
+    Serve(basebackup::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,5 +84,7 @@ fn main() -> ExitCode {
         Operator::Status => commands::status(args.global),
         Operator::Stream(stream) => commands::stream(args.global, stream),
         Operator::Reindex => commands::reindex(args.global),
+        Operator::Metrics => commands::metrics(args.global),
+        Operator::Serve(serve) => commands::serve(args.global, serve),
     })
 }

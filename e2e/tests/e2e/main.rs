@@ -14,6 +14,7 @@ mod expire_safety;
 mod faults;
 mod holes;
 mod key_hygiene;
+mod metrics;
 mod operator;
 mod pitr;
 mod replication;

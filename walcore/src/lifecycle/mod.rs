@@ -21,6 +21,7 @@
 
 pub mod expire;
 pub mod index;
+pub mod metrics;
 pub mod policy;
 pub mod status;
 pub mod verify;
