@@ -9,6 +9,7 @@ mod archive_matrix;
 mod backup;
 mod backup_failures;
 mod check;
+mod deploy;
 mod downloads;
 mod expire_safety;
 mod faults;
