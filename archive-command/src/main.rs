@@ -61,8 +61,11 @@ fn main() -> ExitCode {
     flags.set_flag("repo", "--repo", args.repo);
     flags.set_flag("compression", "--compression", args.compression);
     if let Some(wal_dir) = args.lookahead_worker {
-        return ExitCode::from(walcore::ops::run_hook(
+        // A worker's outcome is not the hook's: PostgreSQL's own call answers for its
+        // file, and alerts on it.
+        return ExitCode::from(walcore::ops::run_alerting(
             Hook::Archive,
+            None,
             flags,
             args.json,
             |repo, config| async move { lookahead::run_worker(&repo, &config, &wal_dir).await },

@@ -212,40 +212,47 @@ pub fn run(global: Global, command: Command) -> u8 {
                 verify_checksums: !no_verify_checksums,
                 progress_bar: !no_progress && !json && std::io::stderr().is_terminal(),
             };
-            walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
-                if expire && !config.retention.has_rule() {
-                    return Err(Error::new(
-                        ErrorKind::Configuration,
-                        "take --expire: no retention policy is configured (WALCORE_KEEP_LAST, \
+            walcore::ops::run_alerting(
+                Hook::Backup,
+                Some("take"),
+                flags,
+                json,
+                |repo, config| async move {
+                    if expire && !config.retention.has_rule() {
+                        return Err(Error::new(
+                            ErrorKind::Configuration,
+                            "take --expire: no retention policy is configured (WALCORE_KEEP_LAST, \
                          WALCORE_KEEP_DAILY, ... or keep_last, keep_daily, ... in the \
                          configuration file); nothing was backed up",
-                    ));
-                }
-                let record = backup::take::take(&repo, &options).await?;
-                if json && !expire {
-                    print_json(&record)?;
-                } else if !json {
-                    println!("{}", record.id);
-                }
-                if expire {
-                    let options = ExpireOptions::from_config(&config, false);
-                    let report = lifecycle::expire::expire(&repo, &options)
-                        .await
-                        .map_err(|e| {
-                            e.context(format!(
-                                "backup {} is recorded, but the retention policy could not \
-                                 be applied after it",
-                                record.id
-                            ))
-                        })?;
-                    if json {
-                        print_json(&serde_json::json!({ "backup": record, "expire": report }))?;
-                    } else {
-                        print!("{report}");
+                        ));
                     }
-                }
-                Ok(())
-            })
+                    let record = backup::take::take(&repo, &options).await?;
+                    if json && !expire {
+                        print_json(&record)?;
+                    } else if !json {
+                        println!("{}", record.id);
+                    }
+                    if expire {
+                        let options = ExpireOptions::from_config(&config, false);
+                        let report =
+                            lifecycle::expire::expire(&repo, &options)
+                                .await
+                                .map_err(|e| {
+                                    e.context(format!(
+                                        "backup {} is recorded, but the retention policy could not \
+                                 be applied after it",
+                                        record.id
+                                    ))
+                                })?;
+                        if json {
+                            print_json(&serde_json::json!({ "backup": record, "expire": report }))?;
+                        } else {
+                            print!("{report}");
+                        }
+                    }
+                    Ok(())
+                },
+            )
         }
         Command::List => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
             let records = catalog::list(&repo).await?;
@@ -458,16 +465,22 @@ pub fn expire(global: Global, args: ExpireArgs) -> u8 {
     flags.set_flag("pitr_window", "--pitr-window", args.pitr_window);
     flags.set_flag("orphan_grace", "--orphan-grace", args.orphan_grace);
     let dry_run = args.dry_run;
-    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
-        let options = ExpireOptions::from_config(&config, dry_run);
-        let report = lifecycle::expire::expire(&repo, &options).await?;
-        if json {
-            print_json(&report)
-        } else {
-            print!("{report}");
-            Ok(())
-        }
-    })
+    walcore::ops::run_alerting(
+        Hook::Backup,
+        Some("expire"),
+        flags,
+        json,
+        |repo, config| async move {
+            let options = ExpireOptions::from_config(&config, dry_run);
+            let report = lifecycle::expire::expire(&repo, &options).await?;
+            if json {
+                print_json(&report)
+            } else {
+                print!("{report}");
+                Ok(())
+            }
+        },
+    )
 }
 
 /// The flags of `walcore verify`.
@@ -507,23 +520,29 @@ pub fn verify(global: Global, args: VerifyArgs) -> u8 {
         backup: args.backup,
         progress: !args.no_progress && !json && std::io::stderr().is_terminal(),
     };
-    let code = walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
-        let report = lifecycle::verify::verify(&repo, &options).await?;
-        if json {
-            print_json(&report)?;
-        } else {
-            print!("{report}");
-        }
-        let code = if report.has_damage() {
-            VERIFY_DAMAGE
-        } else if report.problems.is_empty() {
-            0
-        } else {
-            VERIFY_UNREFERENCED
-        };
-        status.store(code, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    });
+    let code = walcore::ops::run_alerting(
+        Hook::Backup,
+        Some("verify"),
+        flags,
+        json,
+        |repo, _| async move {
+            let report = lifecycle::verify::verify(&repo, &options).await?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print!("{report}");
+            }
+            let code = if report.has_damage() {
+                VERIFY_DAMAGE
+            } else if report.problems.is_empty() {
+                0
+            } else {
+                VERIFY_UNREFERENCED
+            };
+            status.store(code, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        },
+    );
     if code == 0 {
         found.load(std::sync::atomic::Ordering::SeqCst)
     } else {

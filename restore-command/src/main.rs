@@ -64,8 +64,11 @@ fn main() -> ExitCode {
     let mut flags = Layer::default();
     flags.set_flag("repo", "--repo", args.repo);
     if let Some(data_dir) = args.prefetch_worker {
-        return ExitCode::from(walcore::ops::run_hook(
+        // A worker's outcome is not the hook's: PostgreSQL's own call answers for its
+        // file, and alerts on it.
+        return ExitCode::from(walcore::ops::run_alerting(
             Hook::Restore,
+            None,
             flags,
             args.json,
             |repo, config| async move { prefetch::run_worker(&repo, &config, &data_dir).await },

@@ -78,11 +78,19 @@ pub const KEYS: &[&str] = &[
     "keep_yearly",
     "pitr_window",
     "orphan_grace",
+    "alert_command",
+    "alert_webhook",
+    "alert_state",
 ];
 
 /// Settings whose values are secret: never shown by `Debug` or in a message. The key command
 /// is not a secret itself, but a command such as `echo <key>` would be.
-const SECRET_KEYS: &[&str] = &["encryption_key", "encryption_key_command"];
+const SECRET_KEYS: &[&str] = &[
+    "encryption_key",
+    "encryption_key_command",
+    "alert_command",
+    "alert_webhook",
+];
 
 /// `WALCORE_*` variables read besides those of [`KEYS`].
 pub const OTHER_VARIABLES: &[&str] = &["WALCORE_CONFIG"];
@@ -375,6 +383,8 @@ pub struct Config {
     /// How long a take without a catalog record must have written nothing before `expire`
     /// sweeps its objects.
     pub orphan_grace: Duration,
+    /// Where failure alerts go (`alert_command`, `alert_webhook`, `alert_state`).
+    pub alerts: crate::alert::AlertSettings,
 }
 
 /// Where the encryption key came from. Its `Debug` shows the key command's program only.
@@ -563,6 +573,24 @@ impl Config {
             crate::lifecycle::expire::DEFAULT_ORPHAN_GRACE,
             parse_duration,
         )?;
+        let alerts = crate::alert::AlertSettings {
+            command: r.parse("alert_command", None, |v| Ok(Some(v.to_string())))?,
+            webhook: r.parse("alert_webhook", None, |v| {
+                if v.starts_with("http://") || v.starts_with("https://") {
+                    Ok(Some(v.to_string()))
+                } else {
+                    Err("not an http:// or https:// URL".to_string())
+                }
+            })?,
+            state_dir: r.parse("alert_state", None, |v| {
+                let p = std::path::PathBuf::from(v);
+                if p.is_absolute() {
+                    Ok(Some(p))
+                } else {
+                    Err("not an absolute path".to_string())
+                }
+            })?,
+        };
         let key = load_key(
             &r,
             CommandLimit {
@@ -600,6 +628,7 @@ impl Config {
             key_command_timeout: command_timeout,
             retention,
             orphan_grace,
+            alerts,
         })
     }
 

@@ -22,10 +22,12 @@
 //! - [`replication`]: a client of PostgreSQL's replication protocol.
 //! - [`backup`]: base backups over that protocol, the backup catalog, and restores to a target.
 //! - [`lifecycle`]: decisions about the whole repository: the retention policy as a pure plan.
+//! - [`alert`]: failure alerts to a command and a webhook, once per condition until it clears.
 //! - [`watch`]: reports on a setup: `walcore check` (settings, repository, one segment archived).
 //! - [`ops`]: one operation per binary (with look-ahead archiving and restore prefetch);
 //!   [`exit`] maps their errors to exit codes; [`progress`] ends calls that stall.
 
+pub mod alert;
 pub mod backup;
 pub mod codec;
 pub mod config;

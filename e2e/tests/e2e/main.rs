@@ -5,6 +5,7 @@
 //! Build the binaries first (`cargo build --workspace --bins`), then `cargo test -p walcore-e2e`.
 //! One test binary: the cluster template is initialised once for all tests.
 
+mod alerts;
 mod archive_matrix;
 mod backup;
 mod backup_failures;

@@ -27,6 +27,27 @@ where
     F: FnOnce(Repository, Config) -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
+    let condition = match hook {
+        Hook::Archive => Some("archive_command"),
+        Hook::Restore => Some("restore_command"),
+        Hook::Backup => None,
+    };
+    run_alerting(hook, condition, flags, json, op)
+}
+
+/// [`run_hook`], recording the outcome as alert condition `condition` (see [`crate::alert`]):
+/// a failure alerts once until the condition clears.
+pub fn run_alerting<T, F, Fut>(
+    hook: Hook,
+    condition: Option<&str>,
+    flags: Layer,
+    json: bool,
+    op: F,
+) -> u8
+where
+    F: FnOnce(Repository, Config) -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
     let config = match Config::load(flags) {
         Ok(c) => c,
         Err(e) => {
@@ -36,6 +57,8 @@ where
         }
     };
     init_logging(&config.log, json);
+    let alerts = config.alerts.clone();
+    let repo_url = config.repo.clone();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -60,6 +83,13 @@ where
             rt.shutdown_background();
             result
         });
+    if let Some(condition) = condition {
+        let outcome = match &result {
+            Err(e) if !(e.kind() == ErrorKind::NotFound && hook == Hook::Restore) => Err(e),
+            _ => Ok(()),
+        };
+        crate::alert::record(&alerts, condition, &repo_url, outcome);
+    }
     match result {
         Ok(_) => 0,
         // An absent file is an answer, not a failure: PostgreSQL asks for files past the end of

@@ -47,7 +47,7 @@ pub struct RemoteStore {
 
 static CRYPTO_PROVIDER: Once = Once::new();
 
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     CRYPTO_PROVIDER.call_once(|| {
         // Another part of the process may have installed one already; either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -1,0 +1,359 @@
+//! Failure alerts: `WALCORE_ALERT_COMMAND` (run with the event as JSON on stdin) and
+//! `WALCORE_ALERT_WEBHOOK` (an HTTP POST of the same JSON, with a `text` field that Slack-style
+//! receivers show).
+//!
+//! One alert per condition until it clears: a condition that fails makes a state file in the
+//! alert state directory and sends `"firing"` only when it made it, so PostgreSQL retrying a
+//! failing `archive_command` every few seconds alerts once; the first success after that
+//! removes it and sends `"resolved"`. A delivery that fails is logged and leaves no state, so
+//! the next failure tries again. Delivery is bounded ([`DELIVERY_TIME`]) and never changes a
+//! command's exit status.
+//!
+//! The state directory: `alert_state`, else systemd's `$STATE_DIRECTORY`, else
+//! `$HOME/.local/state/walcore/alerts`, else a directory in the temporary directory. The hooks
+//! and the scheduled commands should see the same one (they do when they run as the same user
+//! with the same `HOME`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// How long delivering one event may take, command and webhook together.
+pub const DELIVERY_TIME: Duration = Duration::from_secs(10);
+
+/// Where alerts go. `Debug` tells what is set, never the command or the address (a webhook
+/// URL carries its token).
+#[derive(Clone, Default)]
+pub struct AlertSettings {
+    pub command: Option<String>,
+    pub webhook: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AlertSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertSettings")
+            .field("command", &self.command.as_ref().map(|_| "(set)"))
+            .field("webhook", &self.webhook.as_ref().map(|_| "(set)"))
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+impl AlertSettings {
+    pub fn enabled(&self) -> bool {
+        self.command.is_some() || self.webhook.is_some()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+            // systemd may give several, separated by colons: the first.
+            let first = d
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            if !first.is_empty() {
+                return PathBuf::from(first).join("alerts");
+            }
+        }
+        if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            return PathBuf::from(home).join(".local/state/walcore/alerts");
+        }
+        std::env::temp_dir().join(format!(
+            "walcore-alerts-{}",
+            rustix::process::getuid().as_raw()
+        ))
+    }
+}
+
+/// One event, as the command reads it and the webhook receives it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// `firing` or `resolved`.
+    pub status: &'static str,
+    /// What failed: `archive_command`, `restore_command`, `take`, `expire`, `verify`, …
+    pub condition: String,
+    /// The repository (its URL; never a credential).
+    pub repository: String,
+    pub host: String,
+    pub time: String,
+    /// The error, for `firing`.
+    pub error: Option<String>,
+    /// One line for a person (what Slack-style receivers show).
+    pub text: String,
+}
+
+/// Records the outcome of `condition` and sends what it changes: `firing` on the first
+/// failure, `resolved` on the first success after it.
+pub fn record(
+    settings: &AlertSettings,
+    condition: &str,
+    repository: &str,
+    outcome: Result<(), &Error>,
+) {
+    if !settings.enabled() {
+        return;
+    }
+    let dir = settings.state_dir();
+    let state = dir.join(condition);
+    match outcome {
+        Err(e) => {
+            if let Err(err) = std::fs::create_dir_all(&dir) {
+                tracing::warn!("alert state {}: {err}; alerting anyway", dir.display());
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&state)
+            {
+                Ok(mut f) => {
+                    let _ = writeln!(
+                        f,
+                        "{}",
+                        crate::backup::catalog::format_time(SystemTime::now())
+                    );
+                }
+                // Firing already: one alert per condition.
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => return,
+                Err(err) => tracing::warn!("alert state {}: {err}", state.display()),
+            }
+            let event = event("firing", condition, repository, Some(format!("{e:#}")));
+            if !deliver(settings, &event) {
+                // Not delivered: the next failure tries again.
+                let _ = std::fs::remove_file(&state);
+            }
+        }
+        Ok(()) => {
+            if !state.exists() {
+                return;
+            }
+            let event = event("resolved", condition, repository, None);
+            if deliver(settings, &event) {
+                let _ = std::fs::remove_file(&state);
+            }
+        }
+    }
+}
+
+fn event(status: &'static str, condition: &str, repository: &str, error: Option<String>) -> Event {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let text = match &error {
+        Some(e) => format!("walcore on {host}: {condition} is failing ({repository}): {e}"),
+        None => format!("walcore on {host}: {condition} works again ({repository})"),
+    };
+    Event {
+        status,
+        condition: condition.to_owned(),
+        repository: repository.to_owned(),
+        host,
+        time: crate::backup::catalog::format_time(SystemTime::now()),
+        error,
+        text,
+    }
+}
+
+/// Sends `event` to the command and the webhook; true when every one configured took it.
+fn deliver(settings: &AlertSettings, event: &Event) -> bool {
+    let Ok(json) = serde_json::to_vec(event) else {
+        return false;
+    };
+    let deadline = Instant::now() + DELIVERY_TIME;
+    let mut ok = true;
+    if let Some(cmd) = &settings.command
+        && let Err(e) = run_command(cmd, &json, deadline)
+    {
+        tracing::warn!("the alert command failed: {e}");
+        ok = false;
+    }
+    if let Some(url) = &settings.webhook
+        && let Err(e) = post(url, &json, deadline)
+    {
+        tracing::warn!("the alert webhook failed: {e}");
+        ok = false;
+    }
+    if ok {
+        tracing::info!(condition = %event.condition, "alert sent: {}", event.status);
+    }
+    ok
+}
+
+fn run_command(cmd: &str, json: &[u8], deadline: Instant) -> Result<(), String> {
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting it: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(json);
+        let _ = stdin.write_all(b"\n");
+    }
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("it exited with {status}")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("it took longer than {}s", DELIVERY_TIME.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// POSTs `json` to `url` (http or https), on a runtime of its own: the caller may be on one
+/// that is shutting down.
+fn post(url: &str, json: &[u8], deadline: Instant) -> Result<(), String> {
+    let url =
+        reqwest::Url::parse(url).map_err(|_| "WALCORE_ALERT_WEBHOOK is not a URL".to_string())?;
+    let body = json.to_vec();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let work = move || -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            crate::store::remote::install_crypto_provider();
+            let client = reqwest::Client::builder()
+                .timeout(left)
+                .build()
+                .map_err(|e| format!("{e}"))?;
+            let resp = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                // The error may print the URL, which holds the webhook's token: say only what.
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        "no answer in time".to_string()
+                    } else if e.is_connect() {
+                        "could not connect".to_string()
+                    } else {
+                        "the request failed".to_string()
+                    }
+                })?;
+            if resp.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("it answered {}", resp.status()))
+            }
+        })
+    };
+    std::thread::spawn(work)
+        .join()
+        .map_err(|_| "the webhook thread failed".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn settings(dir: &std::path::Path, command: &str) -> AlertSettings {
+        AlertSettings {
+            command: Some(command.to_owned()),
+            webhook: None,
+            state_dir: Some(dir.join("state")),
+        }
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn a_condition_fires_once_and_resolves_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("events");
+        let s = settings(dir.path(), &format!("cat >> {}", out.display()));
+        let e = Error::new(ErrorKind::Storage, "the store said no");
+        record(&s, "take", "file:///r", Ok(()));
+        assert!(lines(&out).is_empty(), "nothing to resolve");
+        for _ in 0..3 {
+            record(&s, "take", "file:///r", Err(&e));
+        }
+        record(&s, "verify", "file:///r", Err(&e));
+        record(&s, "take", "file:///r", Ok(()));
+        record(&s, "take", "file:///r", Ok(()));
+        let got: Vec<(String, String)> = lines(&out)
+            .iter()
+            .map(|e| {
+                (
+                    e["condition"].as_str().unwrap_or("").to_owned(),
+                    e["status"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let want = [
+            ("take", "firing"),
+            ("verify", "firing"),
+            ("take", "resolved"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(a, b)| (a.to_owned(), b.to_owned())).to_vec()
+        );
+        let first = &lines(&out)[0];
+        assert!(
+            first["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("the store said no"))
+        );
+    }
+
+    #[test]
+    fn an_alert_not_delivered_is_tried_again_at_the_next_failure() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("events");
+        let flag = dir.path().join("receiver-up");
+        // The receiver is down until `flag` exists.
+        let s = settings(
+            dir.path(),
+            &format!("test -e {} && cat >> {}", flag.display(), out.display()),
+        );
+        let e = Error::new(ErrorKind::Storage, "down");
+        record(&s, "archive_command", "file:///r", Err(&e));
+        assert!(lines(&out).is_empty());
+        std::fs::write(&flag, b"").expect("flag");
+        record(&s, "archive_command", "file:///r", Err(&e));
+        record(&s, "archive_command", "file:///r", Err(&e));
+        assert_eq!(lines(&out).len(), 1, "delivered once, when it could be");
+    }
+
+    #[test]
+    fn debug_shows_neither_the_command_nor_the_address() {
+        let s = AlertSettings {
+            command: Some("notify --token s3cr3t".into()),
+            webhook: Some("https://hooks.example/T0K3N".into()),
+            state_dir: None,
+        };
+        let shown = format!("{s:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("T0K3N"),
+            "{shown}"
+        );
+    }
+}
