@@ -142,3 +142,48 @@ print(json.dumps(out))
         walcore_accepts(&args, job["job"].as_str().unwrap_or("?"));
     }
 }
+
+/// The metric names a text holds (`walcore_…`).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("walcore_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_parses_and_shows_only_metrics_walcore_exports() {
+    let path = deploy().join("grafana/walcore-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("json");
+    let exported = metric_names(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../walcore/src/lifecycle/metrics.rs"),
+        )
+        .expect("metrics.rs"),
+    );
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6, "{} panels", panels.len());
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{panel}");
+        for t in targets {
+            let expr = t["expr"].as_str().expect("an expression");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{expr}");
+            for name in names {
+                assert!(
+                    exported.contains(&name),
+                    "{name} in {expr} is not a walcore metric"
+                );
+            }
+        }
+    }
+}
