@@ -622,8 +622,8 @@ pub fn metrics(global: Global) -> u8 {
 /// Serves `/metrics` and `/healthz` (`walcore serve`) until stopped; returns the exit code.
 pub fn serve(global: Global, args: crate::serve::ServeArgs) -> u8 {
     let (flags, json) = flags(global);
-    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
-        crate::serve::serve(repo, &args).await
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+        crate::serve::serve(repo, config.alerts.clone(), &args).await
     })
 }
 

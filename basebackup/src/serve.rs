@@ -1,5 +1,7 @@
 //! `walcore metrics` (the exposition once, for node_exporter's textfile collector) and
-//! `walcore serve` (`/metrics` and `/healthz` over HTTP, for Prometheus to scrape).
+//! `walcore serve` (`/metrics` and `/healthz` over HTTP, for Prometheus to scrape), which also
+//! notices what no hook does: an unreadable repository, a backup too old, archiving stalled
+//! (see [`walcore::alert::evaluate_status`]).
 //!
 //! `serve` reads the repository's status every `--interval` (30 s by default) in a task of
 //! its own, and answers scrapes from the last reading: a scrape never waits for the store,
@@ -58,7 +60,11 @@ struct Reading {
 }
 
 /// Serves `/metrics` and `/healthz` until SIGTERM or SIGINT.
-pub async fn serve(repo: Repository, args: &ServeArgs) -> Result<(), Error> {
+pub async fn serve(
+    repo: Repository,
+    alerts: walcore::alert::AlertSettings,
+    args: &ServeArgs,
+) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -79,6 +85,18 @@ pub async fn serve(repo: Repository, args: &ServeArgs) -> Result<(), Error> {
             loop {
                 let started = Instant::now();
                 let result = status::status(&repo.fresh()).await;
+                if alerts.enabled() {
+                    let (alerts, url) = (alerts.clone(), repo.store().describe());
+                    let judged = match &result {
+                        Ok(r) => Ok(r.clone()),
+                        Err(e) => Err(Error::new(e.kind(), format!("{e:#}"))),
+                    };
+                    // Delivery blocks (a command, a POST): beside the collector's runtime.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        walcore::alert::evaluate_status(&alerts, &url, judged.as_ref())
+                    })
+                    .await;
+                }
                 {
                     let mut r = reading.lock().unwrap_or_else(|p| p.into_inner());
                     match result {

@@ -33,7 +33,16 @@ pub struct AlertSettings {
     pub command: Option<String>,
     pub webhook: Option<String>,
     pub state_dir: Option<PathBuf>,
+    /// `walcore serve` alerts when the newest complete backup is older (`alert_backup_age`;
+    /// 0 turns it off).
+    pub backup_age: Option<Duration>,
+    /// `walcore serve` alerts when the newest stored segment is older (`alert_archive_age`;
+    /// off by default: without `archive_timeout`, a quiet database archives nothing for hours).
+    pub archive_age: Option<Duration>,
 }
+
+/// A day and two hours: a daily backup that is late, not one that took a little longer.
+pub const DEFAULT_BACKUP_AGE: Duration = Duration::from_secs(26 * 3600);
 
 impl std::fmt::Debug for AlertSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,6 +50,8 @@ impl std::fmt::Debug for AlertSettings {
             .field("command", &self.command.as_ref().map(|_| "(set)"))
             .field("webhook", &self.webhook.as_ref().map(|_| "(set)"))
             .field("state_dir", &self.state_dir)
+            .field("backup_age", &self.backup_age)
+            .field("archive_age", &self.archive_age)
             .finish()
     }
 }
@@ -142,6 +153,71 @@ pub fn record(
                 let _ = std::fs::remove_file(&state);
             }
         }
+    }
+}
+
+/// What `walcore serve` notices on its own, each time it reads the status: the repository
+/// unreadable (`repository_unreadable`), no complete backup for `backup_age`
+/// (`backup_too_old`), no segment stored for `archive_age` (`archiving_stalled`). Blocking.
+pub fn evaluate_status(
+    settings: &AlertSettings,
+    repository: &str,
+    status: Result<&crate::lifecycle::status::StatusReport, &Error>,
+) {
+    use crate::error::ErrorKind;
+    use crate::lifecycle::status::ago;
+    let report = match status {
+        Ok(r) => {
+            record(settings, "repository_unreadable", repository, Ok(()));
+            r
+        }
+        Err(e) => {
+            // Nothing else can be judged: the other conditions keep their state.
+            record(settings, "repository_unreadable", repository, Err(e));
+            return;
+        }
+    };
+    if let Some(limit) = settings.backup_age {
+        let late = match &report.last_backup {
+            Some(b) if b.age_seconds <= limit.as_secs() => None,
+            Some(b) => Some(format!(
+                "the newest complete backup, {}, ended {} ago (more than {})",
+                b.id,
+                ago(b.age_seconds),
+                ago(limit.as_secs())
+            )),
+            None => Some("the repository holds no complete backup".to_string()),
+        };
+        let e = late.map(|why| Error::new(ErrorKind::NotFound, why));
+        record(
+            settings,
+            "backup_too_old",
+            repository,
+            e.as_ref().map_or(Ok(()), Err),
+        );
+    }
+    if let Some(limit) = settings.archive_age {
+        let e = report
+            .last_archived
+            .as_ref()
+            .filter(|a| a.age_seconds > limit.as_secs())
+            .map(|a| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "the newest segment, {}, was stored {} ago (more than {})",
+                        a.segment,
+                        ago(a.age_seconds),
+                        ago(limit.as_secs())
+                    ),
+                )
+            });
+        record(
+            settings,
+            "archiving_stalled",
+            repository,
+            e.as_ref().map_or(Ok(()), Err),
+        );
     }
 }
 
@@ -273,6 +349,7 @@ mod tests {
             command: Some(command.to_owned()),
             webhook: None,
             state_dir: Some(dir.join("state")),
+            ..AlertSettings::default()
         }
     }
 
@@ -348,7 +425,7 @@ mod tests {
         let s = AlertSettings {
             command: Some("notify --token s3cr3t".into()),
             webhook: Some("https://hooks.example/T0K3N".into()),
-            state_dir: None,
+            ..AlertSettings::default()
         };
         let shown = format!("{s:?}");
         assert!(

@@ -81,6 +81,8 @@ pub const KEYS: &[&str] = &[
     "alert_command",
     "alert_webhook",
     "alert_state",
+    "alert_backup_age",
+    "alert_archive_age",
 ];
 
 /// Settings whose values are secret: never shown by `Debug` or in a message. The key command
@@ -581,6 +583,14 @@ impl Config {
                 } else {
                     Err("not an http:// or https:// URL".to_string())
                 }
+            })?,
+            backup_age: r.parse(
+                "alert_backup_age",
+                Some(crate::alert::DEFAULT_BACKUP_AGE),
+                |v| parse_duration(v).map(|d| (!d.is_zero()).then_some(d)),
+            )?,
+            archive_age: r.parse("alert_archive_age", None, |v| {
+                parse_duration(v).map(|d| (!d.is_zero()).then_some(d))
             })?,
             state_dir: r.parse("alert_state", None, |v| {
                 let p = std::path::PathBuf::from(v);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,30 @@ fn agrees(m: &BTreeMap<String, f64>, s: &serde_json::Value) {
     );
 }
 
+fn events(file: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (a minute at most) for an alert event in the command's output file.
+fn wait_alert(file: &std::path::Path, condition: &str, status: &str) {
+    let start = Instant::now();
+    while !events(file)
+        .iter()
+        .any(|e| e["condition"] == condition && e["status"] == status)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no {condition} {status} alert: {:#?}",
+            events(file)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
     l.local_addr().expect("address")
@@ -194,7 +219,24 @@ fn metrics_say_what_status_says_and_serve_follows_the_repository() {
     let src = Cluster::archiving_into(&env);
     create_table(&src);
     insert_batch(&src, "pre", 200);
-    let tool = Tool::walcore(&src, env.clone());
+    // serve alerts too: on a backup older than a second (at once), and on the repository
+    // becoming unreadable (below).
+    let sink = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let alerts = sink.path().join("alerts.jsonl");
+    let mut tool_env = env.clone();
+    tool_env.extend([
+        (
+            "WALCORE_ALERT_COMMAND".to_string(),
+            format!("cat >> {}", alerts.display()),
+        ),
+        (
+            "WALCORE_ALERT_STATE".to_string(),
+            sink.path().join("state").display().to_string(),
+        ),
+        ("WALCORE_ALERT_BACKUP_AGE".to_string(), "1s".to_string()),
+    ]);
+    let tool = Tool::walcore(&src, tool_env);
 
     // Before any backup: the exposition is valid, and says there is none.
     let first = src.switch_wal();
@@ -233,6 +275,7 @@ fn metrics_say_what_status_says_and_serve_follows_the_repository() {
     promtool_accepts(&body);
     agrees(&samples(&body), &s);
     assert_eq!(get(addr, "/nothing").map(|(c, _)| c), Some(404));
+    wait_alert(&alerts, "backup_too_old", "firing");
 
     repo.remove(&wal_key(&names[1]));
     wait_for(addr, "/metrics", "the lost segment", |_, body| {
@@ -248,10 +291,24 @@ fn metrics_say_what_status_says_and_serve_follows_the_repository() {
     wait_for(addr, "/metrics", "status failing", |_, body| {
         samples(body).get("walcore_status_up") == Some(&0.0)
     });
+    wait_alert(&alerts, "repository_unreadable", "firing");
     let why = wait_for(addr, "/healthz", "unhealthy", |code, _| code == 503);
     assert!(why.contains(&root.display().to_string()), "{why}");
     std::fs::rename(&away, &root).expect("move the repository back");
     wait_for(addr, "/healthz", "healthy again", |code, _| code == 200);
+    wait_alert(&alerts, "repository_unreadable", "resolved");
+    let sent = events(&alerts);
+    for (condition, status, n) in [
+        ("repository_unreadable", "firing", 1),
+        ("repository_unreadable", "resolved", 1),
+        ("backup_too_old", "firing", 1),
+    ] {
+        let found = sent
+            .iter()
+            .filter(|e| e["condition"] == condition && e["status"] == status)
+            .count();
+        assert_eq!(found, n, "{condition} {status}: {sent:#?}");
+    }
     let out = tool.run(&["metrics"]);
     assert!(out.status.success(), "{}", out.stderr);
 

@@ -333,7 +333,7 @@ fn window(
 }
 
 /// Seconds as a short duration: `42s`, `3m 20s`, `5h 02m`, `3d 4h`.
-fn ago(s: u64) -> String {
+pub(crate) fn ago(s: u64) -> String {
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m {:02}s", s / 60, s % 60),
