@@ -13,6 +13,7 @@ use walcore_e2e::repo::Codec;
 use walcore_e2e::workload::{create_table, insert_batch};
 use walcore_e2e::{Cluster, Repo, http};
 
+use crate::metrics::events;
 use crate::scenario::ARCHIVE_WAIT;
 
 /// A webhook receiver on loopback: every POST's body, parsed; answers 200.
@@ -58,14 +59,6 @@ fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     (format!("http://{addr}/hook/T0KEN-4f9a1c"), got)
 }
 
-fn events_in(file: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn count(events: &[serde_json::Value], status: &str) -> usize {
     events
         .iter()
@@ -102,7 +95,7 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
     create_table(&src);
     let first = src.switch_wal();
     src.wait_archived(&first, ARCHIVE_WAIT);
-    assert!(events_in(&file).is_empty(), "an alert with nothing wrong");
+    assert!(events(&file).is_empty(), "an alert with nothing wrong");
 
     // The WAL directory becomes read-only for PostgreSQL's user.
     let wal_dir = repo.path(&walcore_e2e::repo::wal_key(&first));
@@ -119,7 +112,7 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
         posted_firing() == 1
     });
     wait_until("the command's alert", Duration::from_secs(10), || {
-        count(&events_in(&file), "firing") == 1
+        count(&events(&file), "firing") == 1
     });
     // PostgreSQL retries, more segments wait: still one alert.
     for i in 0..3 {
@@ -140,8 +133,8 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
         1,
         "one alert, not one per retry: {alert_lines:#?}"
     );
-    assert_eq!(count(&events_in(&file), "firing"), 1);
-    let e = events_in(&file)
+    assert_eq!(count(&events(&file), "firing"), 1);
+    let e = events(&file)
         .into_iter()
         .find(|e| e["status"] == "firing")
         .expect("the firing event");
@@ -158,11 +151,11 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
             &posted.lock().unwrap_or_else(|p| p.into_inner()),
             "resolved",
         ) == 1
-            && count(&events_in(&file), "resolved") == 1
+            && count(&events(&file), "resolved") == 1
     });
     let last = src.switch_wal();
     src.wait_archived(&last, ARCHIVE_WAIT);
-    assert_eq!(count(&events_in(&file), "resolved"), 1, "resolved once");
+    assert_eq!(count(&events(&file), "resolved"), 1, "resolved once");
     assert!(
         !src.server_log().contains("T0KEN-4f9a1c"),
         "the webhook's token is in the server log"

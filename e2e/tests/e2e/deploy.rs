@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use walcore_e2e::bins::{self, WALCORE};
-use walcore_e2e::moto;
+use walcore_e2e::{moto, sys};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -72,17 +72,14 @@ fn the_systemd_units_verify_and_their_commands_parse() {
         units.push(name);
     }
     assert!(units.len() >= 8, "{units:?}");
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .args(&units)
-        .current_dir(dir.path())
-        .output()
-        .expect("systemd-analyze (the systemd package)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let out = sys::run(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .args(&units)
+            .current_dir(dir.path()),
+        std::time::Duration::from_secs(60),
     );
+    let said = format!("{}{}", out.stdout, out.stderr);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify: {said}"

@@ -5,11 +5,12 @@
 //! read it.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use walcore_e2e::sys;
 
 use walcore_e2e::repo::{Codec, KEY_1, wal_key};
 use walcore_e2e::workload::{create_table, insert_batch};
@@ -39,25 +40,18 @@ fn promtool() -> String {
 
 /// Asserts that Prometheus' checker finds nothing wrong with `text`, lint included.
 fn promtool_accepts(text: &str) {
-    let mut child = Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("metrics.prom");
+    std::fs::write(&file, text).expect("write");
+    let out = sys::run(
+        Command::new("sh").arg("-c").arg(format!(
+            "'{}' check metrics < '{}'",
+            promtool(),
+            file.display()
+        )),
+        Duration::from_secs(60),
     );
+    let said = format!("{}{}", out.stdout, out.stderr);
     assert!(
         out.status.success() && said.trim().is_empty(),
         "promtool check metrics: {said}\n{text}"
@@ -162,7 +156,8 @@ fn agrees(m: &BTreeMap<String, f64>, s: &serde_json::Value) {
     );
 }
 
-fn events(file: &std::path::Path) -> Vec<serde_json::Value> {
+/// The JSON lines an alert command appended to `file`.
+pub(crate) fn events(file: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(file)
         .unwrap_or_default()
         .lines()
