@@ -596,8 +596,9 @@ pub fn stream(global: Global, args: StreamArgs) -> u8 {
 /// Shows the state of the repository (`walcore status`); returns the exit code.
 pub fn status(global: Global) -> u8 {
     let (flags, json) = flags(global);
-    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
-        let report = lifecycle::status::status(&repo).await?;
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+        let mut report = lifecycle::status::status(&repo).await?;
+        report.failing = walcore::alert::firing(&config.alerts);
         if json {
             print_json(&report)
         } else {
@@ -612,8 +613,8 @@ pub fn status(global: Global) -> u8 {
 /// collector should then publish) and fails.
 pub fn metrics(global: Global) -> u8 {
     let (flags, json) = flags(global);
-    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, _| async move {
-        let (text, read) = crate::serve::exposition_once(&repo).await;
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+        let (text, read) = crate::serve::exposition_once(&repo, &config.alerts).await;
         print!("{text}");
         read
     })

@@ -35,10 +35,14 @@ pub struct ServeArgs {
 }
 
 /// The exposition of the repository's status now, and whether it could be read.
-pub async fn exposition_once(repo: &Repository) -> (String, Result<(), Error>) {
+pub async fn exposition_once(
+    repo: &Repository,
+    alerts: &walcore::alert::AlertSettings,
+) -> (String, Result<(), Error>) {
     let started = Instant::now();
     match status::status(repo).await {
-        Ok(report) => {
+        Ok(mut report) => {
+            report.failing = walcore::alert::firing(alerts);
             let took = started.elapsed().as_secs_f64();
             let mut out = metrics::up(true);
             out.push_str(&metrics::render(&report, SystemTime::now(), took));
@@ -84,7 +88,7 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 let started = Instant::now();
-                let result = status::status(&repo.fresh()).await;
+                let mut result = status::status(&repo.fresh()).await;
                 if alerts.enabled() {
                     let (alerts, url) = (alerts.clone(), repo.store().describe());
                     let judged = match &result {
@@ -96,6 +100,9 @@ pub async fn serve(
                         walcore::alert::evaluate_status(&alerts, &url, judged.as_ref())
                     })
                     .await;
+                }
+                if let Ok(report) = &mut result {
+                    report.failing = walcore::alert::firing(&alerts);
                 }
                 {
                     let mut r = reading.lock().unwrap_or_else(|p| p.into_inner());

@@ -87,6 +87,37 @@ impl AlertSettings {
     }
 }
 
+/// A condition firing on this host, and since when.
+#[derive(Debug, Clone, Serialize)]
+pub struct Firing {
+    pub condition: String,
+    pub since: String,
+}
+
+/// The conditions firing now, as the state directory holds them, oldest first (none when
+/// alerts are not set up).
+pub fn firing(settings: &AlertSettings) -> Vec<Firing> {
+    if !settings.enabled() {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(settings.state_dir()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Firing> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| Firing {
+            condition: e.file_name().to_string_lossy().into_owned(),
+            since: std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.since.cmp(&b.since));
+    out
+}
+
 /// One event, as the command reads it and the webhook receives it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

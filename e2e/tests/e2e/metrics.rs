@@ -271,6 +271,18 @@ fn metrics_say_what_status_says_and_serve_follows_the_repository() {
     agrees(&samples(&body), &s);
     assert_eq!(get(addr, "/nothing").map(|(c, _)| c), Some(404));
     wait_alert(&alerts, "backup_too_old", "firing");
+    // What fires shows in status and in the metrics.
+    let s: serde_json::Value =
+        serde_json::from_str(&tool.ok(&["status", "--json"])).expect("status --json");
+    assert!(
+        s["failing"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|a| a["condition"] == "backup_too_old")),
+        "{s:#}"
+    );
+    wait_for(addr, "/metrics", "the firing alert", |_, body| {
+        samples(body).get(r#"walcore_alert_firing{condition="backup_too_old"}"#) == Some(&1.0)
+    });
 
     repo.remove(&wal_key(&names[1]));
     wait_for(addr, "/metrics", "the lost segment", |_, body| {

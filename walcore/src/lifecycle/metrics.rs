@@ -205,6 +205,21 @@ pub fn render(report: &StatusReport, now: SystemTime, collected_in: f64) -> Stri
         one(verify.map(|v| v.damage as f64)),
     );
 
+    gauge(
+        "walcore_alerts_firing",
+        "Alert conditions firing on this host (failing hooks and commands).",
+        one(Some(report.failing.len() as f64)),
+    );
+    gauge(
+        "walcore_alert_firing",
+        "1 for each alert condition firing on this host.",
+        report
+            .failing
+            .iter()
+            .map(|a| (labels(&[("condition", a.condition.as_str())]), 1.0))
+            .collect(),
+    );
+
     let mut out = String::new();
     for f in families.iter().filter(|f| !f.samples.is_empty()) {
         let _ = writeln!(out, "# HELP {} {}", f.name, f.help);

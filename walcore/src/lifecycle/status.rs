@@ -48,6 +48,9 @@ pub struct StatusReport {
     pub bytes: StoredBytes,
     /// What the newest `walcore verify` found; `None` when it never ran.
     pub last_verify: Option<LastVerify>,
+    /// The alert conditions firing on this host (failing hooks and commands), oldest first;
+    /// filled in by the command from the alert state ([`crate::alert::firing`]).
+    pub failing: Vec<crate::alert::Firing>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -234,6 +237,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
         timelines,
         bytes,
         last_verify,
+        failing: Vec::new(),
     })
 }
 
@@ -461,7 +465,15 @@ impl fmt::Display for StatusReport {
                 if v.full { " (--full)" } else { "" }
             ),
             None => writeln!(f, "last verify    never (run walcore verify on a schedule)"),
+        }?;
+        for failing in &self.failing {
+            writeln!(
+                f,
+                "FAILING        {} since {}",
+                failing.condition, failing.since
+            )?;
         }
+        Ok(())
     }
 }
 
