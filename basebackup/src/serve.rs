@@ -89,17 +89,21 @@ pub async fn serve(
             loop {
                 let started = Instant::now();
                 let mut result = status::status(&repo.fresh()).await;
+                let took = started.elapsed().as_secs_f64();
                 if alerts.enabled() {
-                    let (alerts, url) = (alerts.clone(), repo.store().describe());
-                    let judged = match &result {
-                        Ok(r) => Ok(r.clone()),
-                        Err(e) => Err(Error::new(e.kind(), format!("{e:#}"))),
-                    };
+                    let (judge, url) = (alerts.clone(), repo.store().describe());
                     // Delivery blocks (a command, a POST): beside the collector's runtime.
-                    let _ = tokio::task::spawn_blocking(move || {
-                        walcore::alert::evaluate_status(&alerts, &url, judged.as_ref())
+                    result = tokio::task::spawn_blocking(move || {
+                        walcore::alert::evaluate_status(&judge, &url, result.as_ref());
+                        result
                     })
-                    .await;
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(Error::new(
+                            ErrorKind::Internal,
+                            format!("judging the status for alerts: {e}"),
+                        ))
+                    });
                 }
                 if let Ok(report) = &mut result {
                     report.failing = walcore::alert::firing(&alerts);
@@ -108,7 +112,7 @@ pub async fn serve(
                     let mut r = reading.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Ok(report) => {
-                            r.report = Some((report, started.elapsed().as_secs_f64()));
+                            r.report = Some((report, took));
                             r.ok_at = Some(Instant::now());
                             r.error = None;
                         }

@@ -242,7 +242,7 @@ async fn read_listed(
     let mut attempt = 1;
     loop {
         let run = chain(&listed);
-        match read_run(name, seg, repo, &run).await {
+        match read_run(repo, name, seg, &run).await {
             Ok(tail) => return Ok(tail),
             Err(e) => {
                 // A running stream superseded a piece of the run and removed it (or wrote its
@@ -262,9 +262,9 @@ async fn read_listed(
 
 /// [`read_tail`] of the pieces `run`.
 async fn read_run(
+    repo: &Repository,
     name: &WalFileName,
     seg: WalSegmentSize,
-    repo: &Repository,
     run: &[Piece],
 ) -> Result<Option<(Vec<u8>, u32)>, Error> {
     let Some(reach) = run.last().map(|p| p.to) else {
