@@ -84,31 +84,11 @@ pub enum Command {
         /// The new data directory (absent or empty).
         #[arg(short = 'D', long)]
         pgdata: PathBuf,
-        /// Recover up to this time (with a zone: '2026-11-30 04:30:12+00').
-        #[arg(long, group = "target")]
-        target_time: Option<String>,
-        /// Recover up to this LSN.
-        #[arg(long, group = "target")]
-        target_lsn: Option<String>,
-        /// Recover up to this transaction.
-        #[arg(long, group = "target")]
-        target_xid: Option<String>,
-        /// Recover up to this restore point (pg_create_restore_point).
-        #[arg(long, group = "target")]
-        target_name: Option<String>,
-        /// Stop as soon as the backup is consistent.
-        #[arg(long, group = "target")]
-        target_immediate: bool,
-        /// Stop just before the target (time, LSN or transaction) instead of just after it.
-        #[arg(long)]
-        target_exclusive: bool,
+        #[command(flatten)]
+        target: TargetArgs,
         /// What to do at the target.
         #[arg(long, default_value = "promote")]
         target_action: TargetAction,
-        /// The timeline to recover along: latest (the newest in the repository), current (the
-        /// backup's), or a timeline ID. The backup is chosen on that timeline's history.
-        #[arg(long, default_value = "latest")]
-        target_timeline: TargetTimeline,
         /// preserve: keep the backup's archive_mode, for the server that replaces the one backed
         /// up (it goes on archiving, on a new timeline, into the same repository). off: write
         /// archive_mode = off, for a clone, a drill or a staging copy, which must never push
@@ -124,9 +104,6 @@ pub enum Command {
         /// target was reached" unless more WAL is archived meanwhile).
         #[arg(long)]
         allow_unreached_target: bool,
-        /// Restore this backup rather than the newest one that reaches the target.
-        #[arg(long)]
-        backup: Option<String>,
         /// Put the tablespace at OLD (its location in the backup) at NEW; repeatable.
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
         tablespace_map: Vec<(String, PathBuf)>,
@@ -143,6 +120,76 @@ pub enum Command {
         #[arg(long, value_name = "USER[:GROUP]")]
         owner: Option<String>,
     },
+}
+
+/// Which backup and how far to recover it: the target flags `restore` and `drill` share.
+#[derive(Debug, clap::Args)]
+pub struct TargetArgs {
+    /// Recover up to this time (with a zone: '2026-11-30 04:30:12+00').
+    #[arg(long, group = "target")]
+    pub target_time: Option<String>,
+    /// Recover up to this LSN.
+    #[arg(long, group = "target")]
+    pub target_lsn: Option<String>,
+    /// Recover up to this transaction.
+    #[arg(long, group = "target")]
+    pub target_xid: Option<String>,
+    /// Recover up to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target")]
+    pub target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long, group = "target")]
+    pub target_immediate: bool,
+    /// Stop just before the target (time, LSN or transaction) instead of just after it.
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// The timeline to recover along: latest (the newest in the repository), current (the
+    /// backup's), or a timeline ID. The backup is chosen on that timeline's history.
+    #[arg(long, default_value = "latest")]
+    pub target_timeline: TargetTimeline,
+    /// Restore this backup rather than the newest one that reaches the target.
+    #[arg(long)]
+    pub backup: Option<String>,
+}
+
+impl TargetArgs {
+    /// The target these flags name (the end of the archive when none does).
+    pub fn target(&self) -> Result<Target, Error> {
+        Ok(if let Some(t) = &self.target_time {
+            Target::parse_time(t)?
+        } else if let Some(l) = &self.target_lsn {
+            Target::parse_lsn(l)?
+        } else if let Some(x) = &self.target_xid {
+            Target::parse_xid(x)?
+        } else if let Some(n) = &self.target_name {
+            Target::Name(n.clone())
+        } else if self.target_immediate {
+            Target::Immediate
+        } else {
+            Target::End
+        })
+    }
+}
+
+/// The `restore_command` to write: `given` verbatim, else one that runs `program` (default:
+/// the `walcore-restore` beside this program) with the repository settings of `config`.
+pub(crate) fn restore_command_of(
+    config: &walcore::config::Config,
+    given: Option<String>,
+    program: Option<PathBuf>,
+) -> Result<String, Error> {
+    if let Some(c) = given {
+        return Ok(c);
+    }
+    let program = match program {
+        Some(p) => p,
+        None => default_restore_program()?,
+    };
+    let (command, note) = backup::restore_command_for(config, &program);
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    Ok(command)
 }
 
 fn parse_checkpoint(s: &str) -> Result<Checkpoint, String> {
@@ -289,50 +336,18 @@ pub fn run(global: Global, command: Command) -> u8 {
         }
         Command::Restore {
             pgdata,
-            target_time,
-            target_lsn,
-            target_xid,
-            target_name,
-            target_immediate,
-            target_exclusive,
+            target: which,
             target_action,
-            target_timeline,
             archive_mode,
             dry_run,
             allow_unreached_target,
-            backup,
             tablespace_map,
             restore_program,
             restore_command,
             owner,
         } => walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
-            let target = if let Some(t) = target_time {
-                Target::parse_time(&t)?
-            } else if let Some(l) = target_lsn {
-                Target::parse_lsn(&l)?
-            } else if let Some(x) = target_xid {
-                Target::parse_xid(&x)?
-            } else if let Some(n) = target_name {
-                Target::Name(n)
-            } else if target_immediate {
-                Target::Immediate
-            } else {
-                Target::End
-            };
-            let restore_command = match restore_command {
-                Some(c) => c,
-                None => {
-                    let program = match restore_program {
-                        Some(p) => p,
-                        None => default_restore_program()?,
-                    };
-                    let (command, note) = backup::restore_command_for(&config, &program);
-                    if let Some(note) = note {
-                        tracing::warn!("{note}");
-                    }
-                    command
-                }
-            };
+            let target = which.target()?;
+            let restore_command = restore_command_of(&config, restore_command, restore_program)?;
             let pgdata = std::path::absolute(&pgdata).map_err(|e| {
                 Error::new(
                     ErrorKind::InvalidInput,
@@ -344,10 +359,10 @@ pub fn run(global: Global, command: Command) -> u8 {
                 pgdata,
                 request: Request {
                     target,
-                    exclusive: target_exclusive,
+                    exclusive: which.target_exclusive,
                     action: target_action,
-                    timeline: target_timeline,
-                    backup,
+                    timeline: which.target_timeline,
+                    backup: which.backup,
                     archive_mode,
                     allow_unreached: allow_unreached_target,
                     restore_command,

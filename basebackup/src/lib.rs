@@ -4,4 +4,5 @@
 
 pub mod check;
 pub mod commands;
+pub mod drill;
 pub mod serve;

@@ -252,10 +252,15 @@ pub fn evaluate_status(
     }
 }
 
-fn event(status: &'static str, condition: &str, repository: &str, error: Option<String>) -> Event {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// This host's name, as events and drill reports give it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "?".into());
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn event(status: &'static str, condition: &str, repository: &str, error: Option<String>) -> Event {
+    let host = hostname();
     let text = match &error {
         Some(e) => format!("walcore on {host}: {condition} is failing ({repository}): {e}"),
         None => format!("walcore on {host}: {condition} works again ({repository})"),

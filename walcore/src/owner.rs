@@ -55,6 +55,11 @@ fn lookup(text: &str, name: &str) -> Option<(u32, Option<u32>)> {
     entry(false).or_else(|| entry(true))
 }
 
+/// The name of user `uid` (`/etc/passwd`).
+pub fn user_name(uid: u32) -> Option<String> {
+    name_of(uid, "/etc/passwd")
+}
+
 /// The name of ID `id` in a `/etc/passwd`-style file.
 fn name_of(id: u32, file: &str) -> Option<String> {
     let text = std::fs::read_to_string(file).ok()?;

@@ -71,6 +71,13 @@ enum Operator {
     /// Serve the metrics on /metrics, and /healthz, over HTTP; the status is read every
     /// --interval, not at each scrape.
     Serve(basebackup::serve::ServeArgs),
+    /// Test a restore and measure it: restore a backup (default the newest, to the end of the
+    /// archive) into a scratch directory, start PostgreSQL there on a private socket, wait for
+    /// it to promote, run a query, then stop it and remove the directory. Reports the RTO
+    /// (download + start + recovery) and the RPO (the newest commit restored against the
+    /// newest WAL stored), and keeps the report in the repository for status and metrics.
+    /// Exits 0 when the drill passed.
+    Drill(basebackup::drill::DrillArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,5 +93,6 @@ fn main() -> ExitCode {
         Operator::Reindex => commands::reindex(args.global),
         Operator::Metrics => commands::metrics(args.global),
         Operator::Serve(serve) => commands::serve(args.global, serve),
+        Operator::Drill(drill) => basebackup::drill::run(args.global, drill),
     })
 }

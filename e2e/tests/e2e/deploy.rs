@@ -71,7 +71,7 @@ fn the_systemd_units_verify_and_their_commands_parse() {
         std::fs::write(dir.path().join(&name), text).expect("copy");
         units.push(name);
     }
-    assert!(units.len() >= 8, "{units:?}");
+    assert!(units.len() >= 10, "{units:?}");
     let out = sys::run(
         Command::new("systemd-analyze")
             .args(["verify", "--man=no"])

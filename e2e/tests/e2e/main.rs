@@ -12,6 +12,7 @@ mod backup_failures;
 mod check;
 mod deploy;
 mod downloads;
+mod drill;
 mod expire_safety;
 mod faults;
 mod holes;

@@ -39,7 +39,7 @@ fn promtool() -> String {
 }
 
 /// Asserts that Prometheus' checker finds nothing wrong with `text`, lint included.
-fn promtool_accepts(text: &str) {
+pub(crate) fn promtool_accepts(text: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("metrics.prom");
     std::fs::write(&file, text).expect("write");
@@ -59,7 +59,7 @@ fn promtool_accepts(text: &str) {
 }
 
 /// The samples of an exposition: `name{labels}` to value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
+pub(crate) fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
@@ -69,7 +69,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-fn unix(rfc3339: &serde_json::Value) -> f64 {
+pub(crate) fn unix(rfc3339: &serde_json::Value) -> f64 {
     let text = rfc3339.as_str().expect("a time");
     let out = Command::new("date")
         .args(["-u", "-d", text, "+%s.%3N"])

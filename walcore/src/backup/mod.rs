@@ -17,6 +17,7 @@
 //! - [`tar`]: a sans-IO reader of the tar streams PostgreSQL sends.
 
 pub mod catalog;
+pub mod drill;
 pub mod extract;
 pub mod heartbeat;
 pub mod pins;

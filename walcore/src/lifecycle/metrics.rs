@@ -205,6 +205,50 @@ pub fn render(report: &StatusReport, now: SystemTime, collected_in: f64) -> Stri
         one(verify.map(|v| v.damage as f64)),
     );
 
+    let drill = report.last_drill.as_ref();
+    let drilled = drill.and_then(|d| timestamp(&d.time));
+    gauge(
+        "walcore_last_drill_timestamp_seconds",
+        "When the last walcore drill ended.",
+        one(drilled),
+    );
+    gauge(
+        "walcore_last_drill_age_seconds",
+        "Seconds since the last walcore drill ended.",
+        one(age(drilled)),
+    );
+    gauge(
+        "walcore_last_drill_success",
+        "1 when the last walcore drill passed, 0 when it failed.",
+        one(drill.map(|d| f64::from(u8::from(d.passed)))),
+    );
+    gauge(
+        "walcore_last_drill_rto_seconds",
+        "The last drill's time from the start of the restore until the server accepted queries.",
+        one(drill.and_then(|d| d.rto_seconds)),
+    );
+    gauge(
+        "walcore_last_drill_rto_phase_seconds",
+        "The last drill's RTO by phase: download, start and recovery.",
+        drill
+            .map(|d| {
+                [
+                    ("download", d.download_seconds),
+                    ("start", d.start_seconds),
+                    ("recovery", d.recovery_seconds),
+                ]
+                .into_iter()
+                .filter_map(|(phase, s)| Some((labels(&[("phase", phase)]), s?)))
+                .collect()
+            })
+            .unwrap_or_default(),
+    );
+    gauge(
+        "walcore_last_drill_rpo_seconds",
+        "How far the last drill's newest commit restored trailed the newest WAL stored.",
+        one(drill.and_then(|d| d.rpo_seconds)),
+    );
+
     gauge(
         "walcore_alerts_firing",
         "Alert conditions firing on this host (failing hooks and commands).",

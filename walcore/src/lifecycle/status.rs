@@ -48,6 +48,8 @@ pub struct StatusReport {
     pub bytes: StoredBytes,
     /// What the newest `walcore verify` found; `None` when it never ran.
     pub last_verify: Option<LastVerify>,
+    /// What the newest `walcore drill` found; `None` when no drill ran.
+    pub last_drill: Option<LastDrill>,
     /// The alert conditions firing on this host (failing hooks and commands), oldest first;
     /// filled in by the command from the alert state ([`crate::alert::firing`]).
     pub failing: Vec<crate::alert::Firing>,
@@ -147,6 +149,25 @@ pub struct StreamTail {
     pub age_seconds: u64,
 }
 
+/// The newest restore drill, as its report in the repository says (seconds to the millisecond).
+#[derive(Debug, Clone, Serialize)]
+pub struct LastDrill {
+    /// When it ended (RFC 3339).
+    pub time: String,
+    pub age_seconds: u64,
+    pub passed: bool,
+    pub failed_in: Option<String>,
+    pub error: Option<String>,
+    pub backup: Option<String>,
+    pub target: String,
+    pub rto_seconds: Option<f64>,
+    pub download_seconds: Option<f64>,
+    pub start_seconds: Option<f64>,
+    pub recovery_seconds: Option<f64>,
+    pub rpo_seconds: Option<f64>,
+    pub last_commit_restored: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoredBytes {
     pub wal: u64,
@@ -164,6 +185,22 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
     let histories = read_histories(repo, history_keys.iter().map(String::as_str)).await?;
     let wal = StoredWal::from_index(&dirs, history, None);
     let last_verify = verify::last_run(repo).await?;
+    let last_drill = crate::backup::drill::last(repo).await?.map(|d| LastDrill {
+        age_seconds: chrono::DateTime::parse_from_rfc3339(&d.finished_at)
+            .map_or(0, |t| age(now, t.with_timezone(&chrono::Utc).into())),
+        time: d.finished_at,
+        passed: d.passed,
+        failed_in: d.failed_in,
+        error: d.error,
+        backup: d.backup,
+        target: d.target,
+        rto_seconds: d.rto_seconds,
+        download_seconds: d.download_seconds,
+        start_seconds: d.start_seconds,
+        recovery_seconds: d.recovery_seconds,
+        rpo_seconds: d.rpo_seconds,
+        last_commit_restored: d.last_commit_restored,
+    });
 
     let timelines = timelines(&wal, seg);
     let mut last_archived = None;
@@ -237,6 +274,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
         timelines,
         bytes,
         last_verify,
+        last_drill,
         failing: Vec::new(),
     })
 }
@@ -465,6 +503,27 @@ impl fmt::Display for StatusReport {
                 if v.full { " (--full)" } else { "" }
             ),
             None => writeln!(f, "last verify    never (run walcore verify on a schedule)"),
+        }?;
+        let secs = |s: Option<f64>| s.map_or("-".to_owned(), |s| format!("{s:.1} s"));
+        match &self.last_drill {
+            Some(d) if d.passed => writeln!(
+                f,
+                "last drill     {} ({} ago): passed, backup {}, RTO {}, RPO {}",
+                d.time,
+                ago(d.age_seconds),
+                d.backup.as_deref().unwrap_or("-"),
+                secs(d.rto_seconds),
+                secs(d.rpo_seconds)
+            ),
+            Some(d) => writeln!(
+                f,
+                "last drill     {} ({} ago): FAILED in {}: {}",
+                d.time,
+                ago(d.age_seconds),
+                d.failed_in.as_deref().unwrap_or("?"),
+                d.error.as_deref().unwrap_or("?")
+            ),
+            None => writeln!(f, "last drill     never (run walcore drill monthly)"),
         }?;
         for failing in &self.failing {
             writeln!(
