@@ -10,6 +10,7 @@ use walcore::watch::check::{self, CheckOptions, DEFAULT_ARCHIVE_PROGRAM};
 use walcore::{Error, ErrorKind};
 
 use crate::commands::{Global, flags};
+use crate::serve::{ServerArgs, add_server};
 
 /// The flags of `walcore check`.
 #[derive(Debug, clap::Args)]
@@ -24,11 +25,23 @@ pub struct CheckArgs {
     /// included (e.g. 60s, 2m).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Instead of checking the setup, judge what runs, for a timer (every minute): the
+    /// repository's status and the server's side (files waiting for archive_command, the
+    /// stream's slot), sending alerts (WALCORE_ALERT_*) for what fails and "resolved" for what
+    /// recovered. Switches no WAL; the role needs REPLICATION and pg_monitor.
+    #[arg(long)]
+    alert: bool,
+    /// The stream's replication slot (--alert).
+    #[arg(long, default_value = walcore::watch::server::DEFAULT_SLOT)]
+    slot: String,
 }
 
 /// Checks the setup (`walcore check`): prints one line per check, or the report as JSON with
 /// `--json`; returns 0 when no check failed, else the exit status of the first failure.
 pub fn run(global: Global, args: CheckArgs) -> u8 {
+    if args.alert {
+        return alert(global, args);
+    }
     let (flags, json) = flags(global);
     let options = CheckOptions {
         conninfo: args.dbname,
@@ -59,4 +72,41 @@ fn archive_program() -> String {
             || DEFAULT_ARCHIVE_PROGRAM.to_owned(),
             |p| p.display().to_string(),
         )
+}
+
+/// `walcore check --alert`: the status and the server's side read once, judged for alerts
+/// as `walcore serve` judges them, and printed. Fails when either could not be read.
+fn alert(global: Global, args: CheckArgs) -> u8 {
+    let (flags, json) = flags(global);
+    let server = ServerArgs {
+        dbname: Some(args.dbname),
+        slot: args.slot,
+    };
+    walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
+        let status = walcore::lifecycle::status::status(&repo).await;
+        let mut shown = status.as_ref().ok().cloned();
+        let watch = add_server(shown.as_mut(), server.options().as_ref())
+            .await
+            .unwrap_or_else(|| Err(Error::new(ErrorKind::Internal, "no server to read")));
+        let (judge, url) = (config.alerts.clone(), repo.store().describe());
+        let (status, watch) = tokio::task::spawn_blocking(move || {
+            walcore::alert::evaluate_status(&judge, &url, status.as_ref());
+            walcore::alert::evaluate_server(&judge, &url, watch.as_ref());
+            (status, watch)
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("judging for alerts: {e}")))?;
+        if let Some(report) = &mut shown {
+            report.failing = walcore::alert::firing(&config.alerts);
+            if json {
+                let text = serde_json::to_string_pretty(report)
+                    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{report}");
+            }
+        }
+        status?;
+        watch.map(|_| ())
+    })
 }

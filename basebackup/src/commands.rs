@@ -518,10 +518,9 @@ pub struct VerifyArgs {
     no_progress: bool,
 }
 
-/// The exit status of a verify run that found problems: 5 when a restore is affected (an
-/// object missing, corrupt, of another key or cluster, a gap), 1 when the only findings are
-/// objects nothing refers to.
-const VERIFY_DAMAGE: u8 = 5;
+/// The exit status of a verify run whose only findings are objects nothing refers to. One that
+/// found what costs a restore (an object missing, corrupt, of another key or cluster, a gap)
+/// fails as an integrity error: exit 5, and an alert.
 const VERIFY_UNREFERENCED: u8 = 1;
 
 /// Verifies the repository (`walcore verify`); returns the exit code.
@@ -547,9 +546,22 @@ pub fn verify(global: Global, args: VerifyArgs) -> u8 {
             } else {
                 print!("{report}");
             }
-            let code = if report.has_damage() {
-                VERIFY_DAMAGE
-            } else if report.problems.is_empty() {
+            if report.has_damage() {
+                // An error, so that it alerts (condition verify); Integrity exits 5.
+                let damage = report
+                    .problems
+                    .iter()
+                    .filter(|p| p.kind.is_damage())
+                    .count();
+                return Err(Error::new(
+                    ErrorKind::Integrity,
+                    format!(
+                        "walcore verify found {damage} problem(s) that cost a restore (the \
+                         report above names them)"
+                    ),
+                ));
+            }
+            let code = if report.problems.is_empty() {
                 0
             } else {
                 VERIFY_UNREFERENCED
@@ -609,10 +621,11 @@ pub fn stream(global: Global, args: StreamArgs) -> u8 {
 }
 
 /// Shows the state of the repository (`walcore status`); returns the exit code.
-pub fn status(global: Global) -> u8 {
+pub fn status(global: Global, server: crate::serve::ServerArgs) -> u8 {
     let (flags, json) = flags(global);
     walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
         let mut report = lifecycle::status::status(&repo).await?;
+        crate::serve::add_server(Some(&mut report), server.options().as_ref()).await;
         report.failing = walcore::alert::firing(&config.alerts);
         if json {
             print_json(&report)
@@ -626,10 +639,11 @@ pub fn status(global: Global) -> u8 {
 /// Prints the repository's status as Prometheus metrics (`walcore metrics`); returns the exit
 /// code. When the status cannot be read, it still prints `walcore_status_up 0` (what a textfile
 /// collector should then publish) and fails.
-pub fn metrics(global: Global) -> u8 {
+pub fn metrics(global: Global, server: crate::serve::ServerArgs) -> u8 {
     let (flags, json) = flags(global);
     walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
-        let (text, read) = crate::serve::exposition_once(&repo, &config.alerts).await;
+        let (text, read) =
+            crate::serve::exposition_once(&repo, &config.alerts, server.options().as_ref()).await;
         print!("{text}");
         read
     })

@@ -1,7 +1,8 @@
 //! `walcore metrics` (the exposition once, for node_exporter's textfile collector) and
 //! `walcore serve` (`/metrics` and `/healthz` over HTTP, for Prometheus to scrape), which also
 //! notices what no hook does: an unreadable repository, a backup too old, archiving stalled
-//! (see [`walcore::alert::evaluate_status`]).
+//! (see [`walcore::alert::evaluate_status`]); with `--dbname`, files piling up for
+//! `archive_command` and a disconnected stream ([`walcore::alert::evaluate_server`]).
 //!
 //! `serve` reads the repository's status every `--interval` (30 s by default) in a task of
 //! its own, and answers scrapes from the last reading: a scrape never waits for the store,
@@ -22,10 +23,57 @@ use hyper_util::rt::TokioIo;
 use walcore::error::{Error, ErrorKind};
 use walcore::lifecycle::{metrics, status};
 use walcore::repo::Repository;
+use walcore::watch::server::{ServerWatch, WatchOptions};
+
+/// The flags that add the server's side (`--dbname`) to `status`, `metrics` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// Also read the server's side: files waiting for archive_command, the archiver's failures,
+    /// the stream's slot and lag (a connection string or URL, libpq style; the role needs
+    /// REPLICATION and pg_monitor).
+    #[arg(short = 'd', long)]
+    pub dbname: Option<String>,
+    /// The stream's replication slot.
+    #[arg(long, default_value = walcore::watch::server::DEFAULT_SLOT)]
+    pub slot: String,
+}
+
+/// How long reading the server's side may take.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ServerArgs {
+    /// What to read from the server; `None` without `--dbname`.
+    pub fn options(&self) -> Option<WatchOptions> {
+        self.dbname.as_ref().map(|conninfo| WatchOptions {
+            conninfo: conninfo.clone(),
+            slot: self.slot.clone(),
+            timeout: WATCH_TIMEOUT,
+        })
+    }
+}
+
+/// Reads the server's side into `report` (`server`, or `server_error`); the reading, for the
+/// alert judge.
+pub async fn add_server(
+    report: Option<&mut status::StatusReport>,
+    options: Option<&WatchOptions>,
+) -> Option<Result<ServerWatch, Error>> {
+    let options = options?;
+    let watch = walcore::watch::server::observe(options).await;
+    if let Some(report) = report {
+        match &watch {
+            Ok(w) => report.server = Some(w.clone()),
+            Err(e) => report.server_error = Some(format!("{e:#}")),
+        }
+    }
+    Some(watch)
+}
 
 /// The flags of `walcore serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// Address to listen on for /metrics and /healthz.
     #[arg(long, default_value = "127.0.0.1:9851")]
     pub listen: SocketAddr,
@@ -38,10 +86,12 @@ pub struct ServeArgs {
 pub async fn exposition_once(
     repo: &Repository,
     alerts: &walcore::alert::AlertSettings,
+    server: Option<&WatchOptions>,
 ) -> (String, Result<(), Error>) {
     let started = Instant::now();
     match status::status(repo).await {
         Ok(mut report) => {
+            add_server(Some(&mut report), server).await;
             report.failing = walcore::alert::firing(alerts);
             let took = started.elapsed().as_secs_f64();
             let mut out = metrics::up(true);
@@ -83,6 +133,7 @@ pub async fn serve(
     );
     let reading = Arc::new(Mutex::new(Reading::default()));
     let interval = args.interval;
+    let watch = args.server.options();
     let collector = {
         let reading = reading.clone();
         tokio::spawn(async move {
@@ -90,11 +141,15 @@ pub async fn serve(
                 let started = Instant::now();
                 let mut result = status::status(&repo.fresh()).await;
                 let took = started.elapsed().as_secs_f64();
+                let server = add_server(result.as_mut().ok(), watch.as_ref()).await;
                 if alerts.enabled() {
                     let (judge, url) = (alerts.clone(), repo.store().describe());
                     // Delivery blocks (a command, a POST): beside the collector's runtime.
                     result = tokio::task::spawn_blocking(move || {
                         walcore::alert::evaluate_status(&judge, &url, result.as_ref());
+                        if let Some(server) = &server {
+                            walcore::alert::evaluate_server(&judge, &url, server.as_ref());
+                        }
                         result
                     })
                     .await

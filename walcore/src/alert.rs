@@ -39,7 +39,22 @@ pub struct AlertSettings {
     /// `walcore serve` alerts when the newest stored segment is older (`alert_archive_age`;
     /// off by default: without `archive_timeout`, a quiet database archives nothing for hours).
     pub archive_age: Option<Duration>,
+    /// `walcore check --alert` and `walcore serve --dbname` alert when a file has waited for
+    /// `archive_command` longer (`alert_ready_age`; 0 turns it off).
+    pub ready_age: Option<Duration>,
+    /// How long the stream's slot may have no connection before `stream_disconnected` fires
+    /// (`alert_stream_grace`).
+    pub stream_grace: Duration,
 }
+
+/// Five minutes: PostgreSQL retries a failing `archive_command` three times, then waits a
+/// minute; a file waiting this long is not a hiccup.
+pub const DEFAULT_READY_AGE: Duration = Duration::from_secs(300);
+
+/// How long the stream's slot may have no connection before `stream_disconnected` fires, unless
+/// `alert_stream_grace` says: the stream reconnects within seconds, and a restart of its
+/// service is not an incident.
+pub const DEFAULT_STREAM_GRACE: Duration = Duration::from_secs(60);
 
 /// A day and two hours: a daily backup that is late, not one that took a little longer.
 pub const DEFAULT_BACKUP_AGE: Duration = Duration::from_secs(26 * 3600);
@@ -52,6 +67,8 @@ impl std::fmt::Debug for AlertSettings {
             .field("state_dir", &self.state_dir)
             .field("backup_age", &self.backup_age)
             .field("archive_age", &self.archive_age)
+            .field("ready_age", &self.ready_age)
+            .field("stream_grace", &self.stream_grace)
             .finish()
     }
 }
@@ -106,6 +123,8 @@ pub fn firing(settings: &AlertSettings) -> Vec<Firing> {
     let mut out: Vec<Firing> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        // `.pending.NAME`: a condition seen, not yet firing.
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
         .map(|e| Firing {
             condition: e.file_name().to_string_lossy().into_owned(),
             since: std::fs::read_to_string(e.path())
@@ -259,6 +278,127 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// [`record`], but a failure fires only once it has lasted `grace` (measured from the first
+/// evaluation that saw it, remembered in `.pending.CONDITION` in the state directory).
+pub fn record_after(
+    settings: &AlertSettings,
+    condition: &str,
+    repository: &str,
+    outcome: Result<(), &Error>,
+    grace: Duration,
+) {
+    if !settings.enabled() {
+        return;
+    }
+    let dir = settings.state_dir();
+    let pending = dir.join(format!(".pending.{condition}"));
+    if outcome.is_ok() {
+        let _ = std::fs::remove_file(&pending);
+        record(settings, condition, repository, outcome);
+        return;
+    }
+    let since = std::fs::metadata(&pending).and_then(|m| m.modified());
+    let lasted = match since {
+        Ok(t) => SystemTime::now().duration_since(t).unwrap_or_default(),
+        Err(_) => {
+            let _ = std::fs::create_dir_all(&dir);
+            if let Err(e) = std::fs::write(&pending, b"") {
+                tracing::warn!("alert state {}: {e}", pending.display());
+            }
+            Duration::ZERO
+        }
+    };
+    if lasted >= grace {
+        record(settings, condition, repository, outcome);
+    }
+}
+
+/// What the server says (see [`crate::watch::server`]), as `walcore check --alert` and
+/// `walcore serve --dbname` judge it: the server unreachable (`server_unreachable`), a file
+/// waiting for `archive_command` longer than `ready_age` (`archive_backlog`), the stream's slot
+/// without a connection for `stream_grace` or invalidated (`stream_disconnected`). Blocking.
+pub fn evaluate_server(
+    settings: &AlertSettings,
+    repository: &str,
+    watch: Result<&crate::watch::server::ServerWatch, &Error>,
+) {
+    use crate::error::ErrorKind;
+    use crate::lifecycle::status::ago;
+    let w = match watch {
+        Ok(w) => {
+            record(settings, "server_unreachable", repository, Ok(()));
+            w
+        }
+        Err(e) => {
+            record(settings, "server_unreachable", repository, Err(e));
+            return;
+        }
+    };
+    if let Some(limit) = settings.ready_age {
+        let e = w
+            .oldest_ready_age_seconds
+            .filter(|age| *age > limit.as_secs_f64())
+            .map(|age| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "{} file(s) wait for archive_command on the server, the oldest for {}                          (more than {}); the archiver failed {} time(s){}",
+                        w.ready_files,
+                        ago(age as u64),
+                        ago(limit.as_secs()),
+                        w.archiver_failed_count,
+                        match (&w.archiver_last_failed_wal, &w.archiver_last_failed_time) {
+                            (Some(f), Some(t)) => format!(", last on {f} at {t}"),
+                            _ => String::new(),
+                        }
+                    ),
+                )
+            });
+        record(
+            settings,
+            "archive_backlog",
+            repository,
+            e.as_ref().map_or(Ok(()), Err),
+        );
+    }
+    if let Some(slot) = &w.slot {
+        if slot.wal_status.as_deref() == Some("lost") {
+            let e = Error::new(
+                ErrorKind::Hole,
+                format!(
+                    "the stream's slot {} was invalidated (max_slot_wal_keep_size): the server                      removed WAL the repository may lack; take a base backup now",
+                    slot.name
+                ),
+            );
+            record(settings, "stream_disconnected", repository, Err(&e));
+        } else if !slot.active {
+            let e = Error::new(
+                ErrorKind::Transient,
+                format!(
+                    "nothing streams from the slot {}: walcore stream is not running or cannot                      connect ({} byte(s) of WAL retained for it)",
+                    slot.name,
+                    slot.retained_bytes.unwrap_or(0)
+                ),
+            );
+            record_after(
+                settings,
+                "stream_disconnected",
+                repository,
+                Err(&e),
+                settings.stream_grace,
+            );
+        } else {
+            record_after(
+                settings,
+                "stream_disconnected",
+                repository,
+                Ok(()),
+                settings.stream_grace,
+            );
+        }
+    }
+}
+
 fn event(status: &'static str, condition: &str, repository: &str, error: Option<String>) -> Event {
     let host = hostname();
     let text = match &error {
@@ -395,6 +535,93 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).expect("json"))
             .collect()
+    }
+
+    fn watch(oldest: Option<f64>, slot: Option<(bool, &str)>) -> crate::watch::server::ServerWatch {
+        crate::watch::server::ServerWatch {
+            observed_at: String::new(),
+            in_recovery: false,
+            ready_files: u64::from(oldest.is_some()),
+            oldest_ready_age_seconds: oldest,
+            archiver_failed_count: 4,
+            archiver_last_failed_wal: Some("000000010000000000000003".into()),
+            archiver_last_failed_time: Some("2026-12-06T04:00:00.000Z".into()),
+            archiver_last_archived_time: None,
+            slot: slot.map(|(active, wal)| crate::watch::server::SlotWatch {
+                name: "walcore".into(),
+                active,
+                wal_status: Some(wal.into()),
+                retained_bytes: Some(1 << 24),
+                lag_bytes: Some(0),
+                flush_lag_seconds: None,
+                application_name: None,
+                sync_state: None,
+            }),
+        }
+    }
+
+    fn fired(out: &std::path::Path) -> Vec<(String, String)> {
+        lines(out)
+            .iter()
+            .map(|e| {
+                (
+                    e["condition"].as_str().unwrap_or("").to_owned(),
+                    e["status"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_server_side_fires_on_old_ready_files_and_a_slot_past_its_grace() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("events");
+        let mut s = settings(dir.path(), &format!("cat >> {}", out.display()));
+        s.ready_age = Some(Duration::from_secs(300));
+        s.stream_grace = Duration::from_millis(300);
+        // Young files and a slot just left: nothing yet.
+        evaluate_server(
+            &s,
+            "file:///r",
+            Ok(&watch(Some(12.0), Some((false, "reserved")))),
+        );
+        assert!(fired(&out).is_empty(), "{:?}", fired(&out));
+        assert!(firing(&s).is_empty(), "a pending condition is not firing");
+        std::thread::sleep(Duration::from_millis(400));
+        evaluate_server(
+            &s,
+            "file:///r",
+            Ok(&watch(Some(301.0), Some((false, "reserved")))),
+        );
+        let got = fired(&out);
+        assert!(
+            got.contains(&("archive_backlog".into(), "firing".into())),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&("stream_disconnected".into(), "firing".into())),
+            "{got:?}"
+        );
+        let backlog = &lines(&out)[0];
+        assert!(
+            backlog["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("000000010000000000000003")),
+            "{backlog}"
+        );
+        // Everything well again: both resolve; an invalidated slot fires without a grace.
+        evaluate_server(&s, "file:///r", Ok(&watch(None, Some((true, "reserved")))));
+        let got = fired(&out);
+        assert_eq!(got.len(), 4, "{got:?}");
+        evaluate_server(&s, "file:///r", Ok(&watch(None, Some((false, "lost")))));
+        let last = lines(&out).pop().expect("an event");
+        assert_eq!(last["condition"], "stream_disconnected");
+        assert!(
+            last["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("invalidated")),
+            "{last}"
+        );
     }
 
     #[test]

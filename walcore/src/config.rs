@@ -83,6 +83,8 @@ pub const KEYS: &[&str] = &[
     "alert_state",
     "alert_backup_age",
     "alert_archive_age",
+    "alert_ready_age",
+    "alert_stream_grace",
 ];
 
 /// Settings whose values are secret: never shown by `Debug` or in a message. The key command
@@ -592,6 +594,16 @@ impl Config {
             archive_age: r.parse("alert_archive_age", None, |v| {
                 parse_duration(v).map(|d| (!d.is_zero()).then_some(d))
             })?,
+            ready_age: r.parse(
+                "alert_ready_age",
+                Some(crate::alert::DEFAULT_READY_AGE),
+                |v| parse_duration(v).map(|d| (!d.is_zero()).then_some(d)),
+            )?,
+            stream_grace: r.parse(
+                "alert_stream_grace",
+                crate::alert::DEFAULT_STREAM_GRACE,
+                parse_duration,
+            )?,
             state_dir: r.parse("alert_state", None, |v| {
                 let p = std::path::PathBuf::from(v);
                 if p.is_absolute() {

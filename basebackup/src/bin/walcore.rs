@@ -57,8 +57,9 @@ enum Operator {
     Stream(commands::StreamArgs),
     /// Show the state of the repository: the newest archived segment and backup with their
     /// ages, the restorable window and any gap in it, the WAL per timeline, the bytes stored,
-    /// and what the last verify found. Reads the index, not every object.
-    Status,
+    /// and what the last verify and drill found. Reads the index, not every object. With
+    /// --dbname, also the server's side: files waiting for archive_command, the stream's slot.
+    Status(basebackup::serve::ServerArgs),
     /// Rebuild the repository index (a cache of the catalog and the pins that keeps list,
     /// show, restore and expire fast) from the objects alone. Never needed for a right answer:
     /// a stale or missing index only costs reads.
@@ -67,7 +68,7 @@ enum Operator {
     /// node_exporter's textfile collector: ages of the newest segment, backup and verify,
     /// sizes, the restorable window, holes. Prints walcore_status_up 0 and fails when the
     /// repository cannot be read.
-    Metrics,
+    Metrics(basebackup::serve::ServerArgs),
     /// Serve the metrics on /metrics, and /healthz, over HTTP; the status is read every
     /// --interval, not at each scrape.
     Serve(basebackup::serve::ServeArgs),
@@ -88,10 +89,10 @@ fn main() -> ExitCode {
         Operator::Unpin { id } => commands::unpin(args.global, id),
         Operator::Expire(expire) => commands::expire(args.global, expire),
         Operator::Verify(verify) => commands::verify(args.global, verify),
-        Operator::Status => commands::status(args.global),
+        Operator::Status(server) => commands::status(args.global, server),
         Operator::Stream(stream) => commands::stream(args.global, stream),
         Operator::Reindex => commands::reindex(args.global),
-        Operator::Metrics => commands::metrics(args.global),
+        Operator::Metrics(server) => commands::metrics(args.global, server),
         Operator::Serve(serve) => commands::serve(args.global, serve),
         Operator::Drill(drill) => basebackup::drill::run(args.global, drill),
     })

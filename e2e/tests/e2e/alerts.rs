@@ -13,6 +13,7 @@ use walcore_e2e::repo::Codec;
 use walcore_e2e::workload::{create_table, insert_batch};
 use walcore_e2e::{Cluster, Repo, http};
 
+use crate::backup::{Tool, conninfo};
 use crate::metrics::events;
 use crate::scenario::ARCHIVE_WAIT;
 
@@ -160,4 +161,170 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
         !src.server_log().contains("T0KEN-4f9a1c"),
         "the webhook's token is in the server log"
     );
+}
+
+/// The events of `condition` with `status` an alert command appended to `file`.
+fn of(file: &std::path::Path, condition: &str, status: &str) -> usize {
+    events(file)
+        .iter()
+        .filter(|e| e["condition"] == condition && e["status"] == status)
+        .count()
+}
+
+/// Runs `walcore check --alert` every second until `done`; panics after `within`.
+fn judge_until(tool: &Tool, conn: &str, what: &str, within: Duration, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    loop {
+        tool.ok(&["check", "--alert", "--dbname", conn]);
+        if done() {
+            return;
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn check_alert_notices_files_piling_up_for_archive_command_and_a_stream_that_stopped() {
+    let repo = Repo::file();
+    let env = repo.env(&Codec::default());
+    let sink = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let file = sink.path().join("alerts.jsonl");
+    let mut tool_env = env.clone();
+    tool_env.extend([
+        (
+            "WALCORE_ALERT_COMMAND".to_string(),
+            format!("cat >> {}", file.display()),
+        ),
+        (
+            "WALCORE_ALERT_STATE".to_string(),
+            sink.path().join("state").display().to_string(),
+        ),
+        ("WALCORE_ALERT_BACKUP_AGE".to_string(), "0".to_string()),
+        ("WALCORE_ALERT_READY_AGE".to_string(), "5s".to_string()),
+        ("WALCORE_ALERT_STREAM_GRACE".to_string(), "3s".to_string()),
+    ]);
+    // PostgreSQL's own archive_command has no alert settings: what fires here, the server's
+    // side noticed.
+    let src = Cluster::archiving_into(&env);
+    create_table(&src);
+    let first = src.switch_wal();
+    src.wait_archived(&first, ARCHIVE_WAIT);
+    let tool = Tool::walcore(&src, tool_env);
+    let conn = conninfo(&src, "");
+
+    // All well: nothing waits, no slot, no alert.
+    let report: serde_json::Value =
+        serde_json::from_str(&tool.ok(&["check", "--alert", "--json", "--dbname", &conn]))
+            .expect("check --alert --json");
+    assert_eq!(report["server"]["ready_files"], 0, "{report:#}");
+    assert!(report["server"]["slot"].is_null(), "{report:#}");
+    assert!(events(&file).is_empty(), "{:#?}", events(&file));
+
+    // The repository's WAL directory turns read-only: segments pile up as .ready files, and
+    // the oldest passing 5 s fires archive_backlog, once.
+    let wal_dir = repo.path(&walcore_e2e::repo::wal_key(&first));
+    let wal_dir = wal_dir.parent().expect("its directory").to_path_buf();
+    let mode = std::fs::metadata(&wal_dir)
+        .expect("dir")
+        .permissions()
+        .mode();
+    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    insert_batch(&src, "stuck", 100);
+    let stuck = src.switch_wal();
+    let stalled = Instant::now();
+    judge_until(
+        &tool,
+        &conn,
+        "archive_backlog",
+        Duration::from_secs(60),
+        || of(&file, "archive_backlog", "firing") == 1,
+    );
+    let noticed = stalled.elapsed();
+    assert!(
+        noticed >= Duration::from_secs(5),
+        "fired before the threshold: {noticed:?}"
+    );
+    tool.ok(&["check", "--alert", "--dbname", &conn]);
+    assert_eq!(of(&file, "archive_backlog", "firing"), 1, "one alert");
+    let e = events(&file)
+        .into_iter()
+        .find(|e| e["condition"] == "archive_backlog")
+        .expect("the event");
+    assert!(
+        e["error"]
+            .as_str()
+            .is_some_and(|t| t.contains("wait for archive_command")),
+        "{e}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&tool.ok(&["status", "--json", "--dbname", &conn]))
+            .expect("status --json");
+    assert!(
+        status["server"]["ready_files"].as_u64() >= Some(1)
+            && status["server"]["archiver_failed_count"].as_u64() >= Some(1),
+        "{status:#}"
+    );
+
+    // Fixed: what waited is archived, and the next judgement resolves it.
+    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    // A new segment wakes the archiver from its minute's pause after failures.
+    insert_batch(&src, "wake", 10);
+    let wake = src.switch_wal();
+    src.wait_archived(&stuck, Duration::from_secs(120));
+    src.wait_archived(&wake, ARCHIVE_WAIT);
+    judge_until(
+        &tool,
+        &conn,
+        "archive_backlog resolved",
+        Duration::from_secs(60),
+        || of(&file, "archive_backlog", "resolved") == 1,
+    );
+
+    // A slot nothing streams from fires stream_disconnected after its grace; a stream that
+    // connects resolves it, and the metrics show the slot.
+    src.psql("select pg_create_physical_replication_slot('walcore', true)");
+    tool.ok(&["check", "--alert", "--dbname", &conn]);
+    assert_eq!(
+        of(&file, "stream_disconnected", "firing"),
+        0,
+        "within the grace"
+    );
+    judge_until(
+        &tool,
+        &conn,
+        "stream_disconnected",
+        Duration::from_secs(30),
+        || of(&file, "stream_disconnected", "firing") == 1,
+    );
+    let log = std::fs::File::create(src.dir().join("stream.log")).expect("stream log");
+    let mut stream = tool
+        .command(&["stream", "--dbname", &conn, "--slot", "walcore"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("walcore stream");
+    judge_until(
+        &tool,
+        &conn,
+        "stream_disconnected resolved",
+        Duration::from_secs(60),
+        || of(&file, "stream_disconnected", "resolved") == 1,
+    );
+    insert_batch(&src, "streamed", 100);
+    let text = tool.ok(&["metrics", "--dbname", &conn]);
+    let _ = stream.kill();
+    let _ = stream.wait();
+    crate::metrics::promtool_accepts(&text);
+    let m = crate::metrics::samples(&text);
+    assert_eq!(m.get("walcore_server_up"), Some(&1.0), "{text}");
+    assert_eq!(m.get("walcore_stream_slot_active"), Some(&1.0), "{text}");
+    assert!(
+        m.contains_key("walcore_stream_slot_retained_bytes")
+            && m.contains_key("walcore_stream_lag_bytes")
+            && m.contains_key("walcore_archiver_failures_total"),
+        "{text}"
+    );
+    assert_eq!(m.get("walcore_archive_ready_files"), Some(&0.0), "{text}");
 }

@@ -249,6 +249,46 @@ pub fn render(report: &StatusReport, now: SystemTime, collected_in: f64) -> Stri
         one(drill.and_then(|d| d.rpo_seconds)),
     );
 
+    if report.server.is_some() || report.server_error.is_some() {
+        gauge(
+            "walcore_server_up",
+            "Whether the server's archiving state could be read (walcore with --dbname).",
+            one(Some(f64::from(u8::from(report.server.is_some())))),
+        );
+    }
+    let server = report.server.as_ref();
+    gauge(
+        "walcore_archive_ready_files",
+        "Files waiting on the server for archive_command.",
+        one(server.map(|w| w.ready_files as f64)),
+    );
+    gauge(
+        "walcore_archive_ready_oldest_age_seconds",
+        "How long the oldest file waiting for archive_command has waited.",
+        one(server.map(|w| w.oldest_ready_age_seconds.unwrap_or(0.0))),
+    );
+    let slot = server.and_then(|w| w.slot.as_ref());
+    gauge(
+        "walcore_stream_slot_active",
+        "1 when walcore stream is connected to its replication slot.",
+        one(slot.map(|s| f64::from(u8::from(s.active)))),
+    );
+    gauge(
+        "walcore_stream_slot_retained_bytes",
+        "WAL the stream's replication slot keeps on the server.",
+        one(slot.and_then(|s| s.retained_bytes.map(|b| b as f64))),
+    );
+    gauge(
+        "walcore_stream_lag_bytes",
+        "How far the stream's stored position is behind the server's.",
+        one(slot.and_then(|s| s.lag_bytes.map(|b| b as f64))),
+    );
+    gauge(
+        "walcore_stream_flush_lag_seconds",
+        "How long the last commits waited for the stream to store them.",
+        one(slot.and_then(|s| s.flush_lag_seconds)),
+    );
+
     gauge(
         "walcore_alerts_firing",
         "Alert conditions firing on this host (failing hooks and commands).",
@@ -263,6 +303,15 @@ pub fn render(report: &StatusReport, now: SystemTime, collected_in: f64) -> Stri
             .map(|a| (labels(&[("condition", a.condition.as_str())]), 1.0))
             .collect(),
     );
+
+    if let Some(w) = server {
+        families.push(Family {
+            name: "walcore_archiver_failures_total",
+            help: "Failed archive_command calls the server counted (pg_stat_archiver).",
+            kind: "counter",
+            samples: vec![(String::new(), w.archiver_failed_count as f64)],
+        });
+    }
 
     let mut out = String::new();
     for f in families.iter().filter(|f| !f.samples.is_empty()) {

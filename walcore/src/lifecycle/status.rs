@@ -53,6 +53,11 @@ pub struct StatusReport {
     /// The alert conditions firing on this host (failing hooks and commands), oldest first;
     /// filled in by the command from the alert state ([`crate::alert::firing`]).
     pub failing: Vec<crate::alert::Firing>,
+    /// The server's side of archiving and streaming, when the command was given `--dbname`
+    /// ([`crate::watch::server`]); filled in by the command.
+    pub server: Option<crate::watch::server::ServerWatch>,
+    /// Why the server could not be read, when it was asked and could not be.
+    pub server_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -276,6 +281,8 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
         last_verify,
         last_drill,
         failing: Vec::new(),
+        server: None,
+        server_error: None,
     })
 }
 
@@ -525,6 +532,40 @@ impl fmt::Display for StatusReport {
             ),
             None => writeln!(f, "last drill     never (run walcore drill monthly)"),
         }?;
+        if let Some(w) = &self.server {
+            writeln!(
+                f,
+                "server         {} file(s) waiting for archive_command{}; archiver failures: {}{}",
+                w.ready_files,
+                w.oldest_ready_age_seconds
+                    .map(|a| format!(", the oldest for {}", ago(a as u64)))
+                    .unwrap_or_default(),
+                w.archiver_failed_count,
+                if w.in_recovery { " (a standby)" } else { "" }
+            )?;
+            match &w.slot {
+                Some(slot) => writeln!(
+                    f,
+                    "stream slot    {}: {}, {} retained, {} behind{}",
+                    slot.name,
+                    if slot.active {
+                        "connected"
+                    } else {
+                        "NOT CONNECTED"
+                    },
+                    human(slot.retained_bytes.unwrap_or(0)),
+                    human(slot.lag_bytes.unwrap_or(0)),
+                    slot.wal_status
+                        .as_deref()
+                        .map(|s| format!(", WAL {s}"))
+                        .unwrap_or_default()
+                ),
+                None => writeln!(f, "stream slot    none (walcore stream does not run here)"),
+            }?;
+        }
+        if let Some(e) = &self.server_error {
+            writeln!(f, "server         UNREADABLE: {e}")?;
+        }
         for failing in &self.failing {
             writeln!(
                 f,

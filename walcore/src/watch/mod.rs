@@ -8,3 +8,4 @@
 //! probe object (FORMAT.md §2, `check/`), which it removes again.
 
 pub mod check;
+pub mod server;
