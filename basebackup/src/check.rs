@@ -97,7 +97,7 @@ fn alert(global: Global, args: CheckArgs) -> u8 {
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("judging for alerts: {e}")))?;
         if let Some(report) = &mut shown {
-            report.failing = walcore::alert::firing(&config.alerts);
+            walcore::alert::fill_host_state(report, &config.alerts);
             if json {
                 let text = serde_json::to_string_pretty(report)
                     .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;

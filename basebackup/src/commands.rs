@@ -626,7 +626,7 @@ pub fn status(global: Global, server: crate::serve::ServerArgs) -> u8 {
     walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
         let mut report = lifecycle::status::status(&repo).await?;
         crate::serve::add_server(Some(&mut report), server.options().as_ref()).await;
-        report.failing = walcore::alert::firing(&config.alerts);
+        walcore::alert::fill_host_state(&mut report, &config.alerts);
         if json {
             print_json(&report)
         } else {

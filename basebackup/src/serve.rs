@@ -92,7 +92,7 @@ pub async fn exposition_once(
     match status::status(repo).await {
         Ok(mut report) => {
             add_server(Some(&mut report), server).await;
-            report.failing = walcore::alert::firing(alerts);
+            walcore::alert::fill_host_state(&mut report, alerts);
             let took = started.elapsed().as_secs_f64();
             let mut out = metrics::up(true);
             out.push_str(&metrics::render(&report, SystemTime::now(), took));
@@ -161,7 +161,7 @@ pub async fn serve(
                     });
                 }
                 if let Ok(report) = &mut result {
-                    report.failing = walcore::alert::firing(&alerts);
+                    walcore::alert::fill_host_state(report, &alerts);
                 }
                 {
                     let mut r = reading.lock().unwrap_or_else(|p| p.into_inner());

@@ -137,6 +137,48 @@ pub fn firing(settings: &AlertSettings) -> Vec<Firing> {
     out
 }
 
+/// Counts one failure of `condition` on this host: one byte appended to
+/// `failures/CONDITION` in the state directory, so that concurrent hooks never lose a count
+/// (appends are atomic) and the count is the file's length. Counted whether or not alerts are
+/// set up; a count that cannot be written is only logged.
+pub fn count_failure(settings: &AlertSettings, condition: &str) {
+    let dir = settings.state_dir().join("failures");
+    let appended = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.join(condition))?
+            .write_all(b"x")
+    });
+    if let Err(e) = appended {
+        tracing::debug!("failure count {}: {e}", dir.display());
+    }
+}
+
+/// The failures counted on this host since its state directory was made, per condition.
+pub fn failure_counts(settings: &AlertSettings) -> std::collections::BTreeMap<String, u64> {
+    let Ok(entries) = std::fs::read_dir(settings.state_dir().join("failures")) else {
+        return Default::default();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok().filter(|m| m.is_file())?;
+            Some((e.file_name().to_string_lossy().into_owned(), meta.len()))
+        })
+        .collect()
+}
+
+/// Fills in what this host knows that the repository does not: the conditions firing and the
+/// failures counted.
+pub fn fill_host_state(
+    report: &mut crate::lifecycle::status::StatusReport,
+    settings: &AlertSettings,
+) {
+    report.failing = firing(settings);
+    report.failures = failure_counts(settings);
+}
+
 /// One event, as the command reads it and the webhook receives it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

@@ -161,6 +161,15 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
         !src.server_log().contains("T0KEN-4f9a1c"),
         "the webhook's token is in the server log"
     );
+    // Every failed call was counted, however few alerts it sent.
+    let m = crate::metrics::samples(&Tool::walcore(&src, env.clone()).ok(&["metrics"]));
+    let counted = m
+        .get(r#"walcore_failures_total{command="archive_command"}"#)
+        .copied();
+    assert!(
+        counted.is_some_and(|n| n >= failed as f64),
+        "{counted:?} failures counted, PostgreSQL saw {failed}"
+    );
 }
 
 /// The events of `condition` with `status` an alert command appended to `file`.

@@ -209,6 +209,10 @@ fn a_drill_measures_rto_and_rpo_and_a_corrupted_backup_fails_it_with_an_alert() 
     let m = samples(&tool.ok(&["metrics"]));
     assert_eq!(m.get("walcore_last_drill_success"), Some(&0.0));
     assert_eq!(
+        m.get(r#"walcore_failures_total{command="drill"}"#),
+        Some(&1.0)
+    );
+    assert_eq!(
         m.get(r#"walcore_alert_firing{condition="drill"}"#),
         Some(&1.0)
     );

@@ -304,6 +304,26 @@ pub fn render(report: &StatusReport, now: SystemTime, collected_in: f64) -> Stri
             .collect(),
     );
 
+    let mut failures = report.failures.clone();
+    for known in [
+        "archive_command",
+        "restore_command",
+        "take",
+        "expire",
+        "verify",
+        "drill",
+    ] {
+        failures.entry(known.to_owned()).or_insert(0);
+    }
+    families.push(Family {
+        name: "walcore_failures_total",
+        help: "Failed hook calls and commands counted on this host, by command.",
+        kind: "counter",
+        samples: failures
+            .iter()
+            .map(|(c, n)| (labels(&[("command", c.as_str())]), *n as f64))
+            .collect(),
+    });
     if let Some(w) = server {
         families.push(Family {
             name: "walcore_archiver_failures_total",

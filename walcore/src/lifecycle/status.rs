@@ -53,6 +53,9 @@ pub struct StatusReport {
     /// The alert conditions firing on this host (failing hooks and commands), oldest first;
     /// filled in by the command from the alert state ([`crate::alert::firing`]).
     pub failing: Vec<crate::alert::Firing>,
+    /// Failures counted on this host, per hook or command (`archive_command`, `take`, …);
+    /// filled in by the command ([`crate::alert::failure_counts`]).
+    pub failures: std::collections::BTreeMap<String, u64>,
     /// The server's side of archiving and streaming, when the command was given `--dbname`
     /// ([`crate::watch::server`]); filled in by the command.
     pub server: Option<crate::watch::server::ServerWatch>,
@@ -281,6 +284,7 @@ pub async fn status(repo: &Repository) -> Result<StatusReport, Error> {
         last_verify,
         last_drill,
         failing: Vec::new(),
+        failures: Default::default(),
         server: None,
         server_error: None,
     })

@@ -88,6 +88,9 @@ where
             Err(e) if !(e.kind() == ErrorKind::NotFound && hook == Hook::Restore) => Err(e),
             _ => Ok(()),
         };
+        if outcome.is_err() {
+            crate::alert::count_failure(&alerts, condition);
+        }
         crate::alert::record(&alerts, condition, &repo_url, outcome);
     }
     match result {
