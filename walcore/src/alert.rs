@@ -47,9 +47,10 @@ pub struct AlertSettings {
     pub stream_grace: Duration,
 }
 
-/// Five minutes: PostgreSQL retries a failing `archive_command` three times, then waits a
-/// minute; a file waiting this long is not a hiccup.
-pub const DEFAULT_READY_AGE: Duration = Duration::from_secs(300);
+/// Four minutes: PostgreSQL retries a failing `archive_command` three times, then waits a
+/// minute, so a file waiting this long is not a hiccup; and with `serve`'s 30 s interval or
+/// the minute's timer of `check --alert`, the alert comes within five minutes of the stall.
+pub const DEFAULT_READY_AGE: Duration = Duration::from_secs(240);
 
 /// How long the stream's slot may have no connection before `stream_disconnected` fires, unless
 /// `alert_stream_grace` says: the stream reconnects within seconds, and a restart of its
