@@ -9,7 +9,7 @@ use walcore::exit::Hook;
 use walcore::watch::check::{self, CheckOptions, DEFAULT_ARCHIVE_PROGRAM};
 use walcore::{Error, ErrorKind};
 
-use crate::commands::{Global, flags};
+use crate::commands::{Global, flags, print_report};
 use crate::serve::{ServerArgs, add_server};
 
 /// The flags of `walcore check`.
@@ -50,13 +50,7 @@ pub fn run(global: Global, args: CheckArgs) -> u8 {
     };
     walcore::ops::run_hook(Hook::Backup, flags, json, |repo, config| async move {
         let report = check::check(&repo, &config, &options).await;
-        if json {
-            let text = serde_json::to_string_pretty(&report)
-                .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
-            println!("{text}");
-        } else {
-            print!("{report}");
-        }
+        print_report(json, &report)?;
         report.outcome()
     })
 }
@@ -98,13 +92,7 @@ fn alert(global: Global, args: CheckArgs) -> u8 {
         .map_err(|e| Error::new(ErrorKind::Internal, format!("judging for alerts: {e}")))?;
         if let Some(report) = &mut shown {
             walcore::alert::fill_host_state(report, &config.alerts);
-            if json {
-                let text = serde_json::to_string_pretty(report)
-                    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
-                println!("{text}");
-            } else {
-                print!("{report}");
-            }
+            print_report(json, report)?;
         }
         status?;
         watch.map(|_| ())

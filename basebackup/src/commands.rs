@@ -488,12 +488,7 @@ pub fn expire(global: Global, args: ExpireArgs) -> u8 {
         |repo, config| async move {
             let options = ExpireOptions::from_config(&config, dry_run);
             let report = lifecycle::expire::expire(&repo, &options).await?;
-            if json {
-                print_json(&report)
-            } else {
-                print!("{report}");
-                Ok(())
-            }
+            print_report(json, &report)
         },
     )
 }
@@ -541,11 +536,7 @@ pub fn verify(global: Global, args: VerifyArgs) -> u8 {
         json,
         |repo, _| async move {
             let report = lifecycle::verify::verify(&repo, &options).await?;
-            if json {
-                print_json(&report)?;
-            } else {
-                print!("{report}");
-            }
+            print_report(json, &report)?;
             if report.has_damage() {
                 // An error, so that it alerts (condition verify); Integrity exits 5.
                 let damage = report
@@ -627,12 +618,7 @@ pub fn status(global: Global, server: crate::serve::ServerArgs) -> u8 {
         let mut report = lifecycle::status::status(&repo).await?;
         crate::serve::add_server(Some(&mut report), server.options().as_ref()).await;
         walcore::alert::fill_host_state(&mut report, &config.alerts);
-        if json {
-            print_json(&report)
-        } else {
-            print!("{report}");
-            Ok(())
-        }
+        print_report(json, &report)
     })
 }
 
@@ -759,6 +745,19 @@ fn default_restore_program() -> Result<PathBuf, Error> {
                 me.display()
             ),
         ))
+    }
+}
+
+/// Prints `report` as JSON with `--json`, else as its text.
+pub(crate) fn print_report(
+    json: bool,
+    report: &(impl serde::Serialize + std::fmt::Display),
+) -> Result<(), Error> {
+    if json {
+        print_json(report)
+    } else {
+        print!("{report}");
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use walcore::config::parse_duration;
 use walcore::exit::Hook;
 use walcore::{Error, ErrorKind};
 
-use crate::commands::{Global, TargetArgs, flags, restore_command_of};
+use crate::commands::{Global, TargetArgs, flags, print_report, restore_command_of};
 
 /// The flags of `walcore drill`.
 #[derive(Debug, clap::Args)]
@@ -115,13 +115,7 @@ pub fn run(global: Global, args: DrillArgs) -> u8 {
             };
             let report = drill::drill(&repo, &options).await;
             let saved = drill::save(&repo, &report).await;
-            if json {
-                let text = serde_json::to_string_pretty(&report)
-                    .map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))?;
-                println!("{text}");
-            } else {
-                print!("{report}");
-            }
+            print_report(json, &report)?;
             if let Err(e) = &saved {
                 tracing::error!("the drill's report could not be stored in the repository: {e:#}");
             }

@@ -14,7 +14,7 @@ use walcore_e2e::workload::{create_table, insert_batch};
 use walcore_e2e::{Cluster, Repo, http};
 
 use crate::backup::{Tool, conninfo};
-use crate::metrics::events;
+use crate::metrics::{AlertSink, events};
 use crate::scenario::ARCHIVE_WAIT;
 
 /// A webhook receiver on loopback: every POST's body, parsed; answers 200.
@@ -60,6 +60,19 @@ fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
     (format!("http://{addr}/hook/T0KEN-4f9a1c"), got)
 }
 
+/// Makes the repository directory that holds segment `name` read-only; returns it and its mode
+/// before, to put back.
+fn freeze_wal_dir(repo: &Repo, name: &str) -> (std::path::PathBuf, u32) {
+    let wal_dir = repo.path(&walcore_e2e::repo::wal_key(name));
+    let wal_dir = wal_dir.parent().expect("its directory").to_path_buf();
+    let mode = std::fs::metadata(&wal_dir)
+        .expect("dir")
+        .permissions()
+        .mode();
+    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    (wal_dir, mode)
+}
+
 fn count(events: &[serde_json::Value], status: &str) -> usize {
     events
         .iter()
@@ -79,19 +92,11 @@ fn wait_until(what: &str, within: Duration, done: impl Fn() -> bool) {
 fn a_failing_archive_command_alerts_once_then_resolves() {
     let repo = Repo::file();
     let (url, posted) = receiver();
-    let sink = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let file = sink.path().join("alerts.jsonl");
+    let sink = AlertSink::new();
+    let file = sink.file.clone();
     let mut env = repo.env(&Codec::default());
-    env.push((
-        "WALCORE_ALERT_COMMAND".into(),
-        format!("cat >> {}", file.display()),
-    ));
+    env.extend(sink.env());
     env.push(("WALCORE_ALERT_WEBHOOK".into(), url.clone()));
-    env.push((
-        "WALCORE_ALERT_STATE".into(),
-        sink.path().join("state").display().to_string(),
-    ));
     let src = Cluster::archiving_into(&env);
     create_table(&src);
     let first = src.switch_wal();
@@ -99,13 +104,7 @@ fn a_failing_archive_command_alerts_once_then_resolves() {
     assert!(events(&file).is_empty(), "an alert with nothing wrong");
 
     // The WAL directory becomes read-only for PostgreSQL's user.
-    let wal_dir = repo.path(&walcore_e2e::repo::wal_key(&first));
-    let wal_dir = wal_dir.parent().expect("its directory").to_path_buf();
-    let mode = std::fs::metadata(&wal_dir)
-        .expect("dir")
-        .permissions()
-        .mode();
-    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let (wal_dir, mode) = freeze_wal_dir(&repo, &first);
     insert_batch(&src, "broken", 100);
     let stuck = src.switch_wal();
     let posted_firing = || count(&posted.lock().unwrap_or_else(|p| p.into_inner()), "firing");
@@ -197,19 +196,11 @@ fn judge_until(tool: &Tool, conn: &str, what: &str, within: Duration, done: impl
 fn check_alert_notices_files_piling_up_for_archive_command_and_a_stream_that_stopped() {
     let repo = Repo::file();
     let env = repo.env(&Codec::default());
-    let sink = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let file = sink.path().join("alerts.jsonl");
+    let sink = AlertSink::new();
+    let file = sink.file.clone();
     let mut tool_env = env.clone();
+    tool_env.extend(sink.env());
     tool_env.extend([
-        (
-            "WALCORE_ALERT_COMMAND".to_string(),
-            format!("cat >> {}", file.display()),
-        ),
-        (
-            "WALCORE_ALERT_STATE".to_string(),
-            sink.path().join("state").display().to_string(),
-        ),
         ("WALCORE_ALERT_BACKUP_AGE".to_string(), "0".to_string()),
         ("WALCORE_ALERT_READY_AGE".to_string(), "5s".to_string()),
         ("WALCORE_ALERT_STREAM_GRACE".to_string(), "3s".to_string()),
@@ -233,13 +224,7 @@ fn check_alert_notices_files_piling_up_for_archive_command_and_a_stream_that_sto
 
     // The repository's WAL directory turns read-only: segments pile up as .ready files, and
     // the oldest passing 5 s fires archive_backlog, once.
-    let wal_dir = repo.path(&walcore_e2e::repo::wal_key(&first));
-    let wal_dir = wal_dir.parent().expect("its directory").to_path_buf();
-    let mode = std::fs::metadata(&wal_dir)
-        .expect("dir")
-        .permissions()
-        .mode();
-    std::fs::set_permissions(&wal_dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let (wal_dir, mode) = freeze_wal_dir(&repo, &first);
     insert_batch(&src, "stuck", 100);
     let stuck = src.switch_wal();
     let stalled = Instant::now();

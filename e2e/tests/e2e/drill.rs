@@ -4,7 +4,6 @@
 //! server pushed nothing into the repository; status and the metrics show the drill. Then the
 //! backup is corrupted: the drill fails, says where, stores that, and alerts.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use walcore_e2e::cluster::pg_bin_dir;
@@ -14,7 +13,7 @@ use walcore_e2e::workload::{create_table, insert_batch};
 use walcore_e2e::{Cluster, Repo, bins};
 
 use crate::backup::Tool;
-use crate::metrics::{events, promtool_accepts, samples, unix};
+use crate::metrics::{AlertSink, events, promtool_accepts, samples, unix};
 use crate::scenario::ARCHIVE_WAIT;
 
 fn json(text: &str) -> serde_json::Value {
@@ -42,20 +41,10 @@ fn a_drill_measures_rto_and_rpo_and_a_corrupted_backup_fails_it_with_an_alert() 
     let src = Cluster::archiving_into(&env);
     create_table(&src);
     insert_batch(&src, "before", 500);
-    let sink = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let alerts = sink.path().join("alerts.jsonl");
+    let sink = AlertSink::new();
+    let alerts = sink.file.clone();
     let mut tool_env = env.clone();
-    tool_env.extend([
-        (
-            "WALCORE_ALERT_COMMAND".to_string(),
-            format!("cat >> {}", alerts.display()),
-        ),
-        (
-            "WALCORE_ALERT_STATE".to_string(),
-            sink.path().join("state").display().to_string(),
-        ),
-    ]);
+    tool_env.extend(sink.env());
     let tool = Tool::walcore(&src, tool_env);
     // The drill's restore_command runs the walcore-restore beside walcore.
     src.install(bins::RESTORE);

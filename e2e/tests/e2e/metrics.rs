@@ -156,6 +156,38 @@ fn agrees(m: &BTreeMap<String, f64>, s: &serde_json::Value) {
     );
 }
 
+/// Where a test's alerts go: an alert command's output file and the alert state directory,
+/// in a directory the server user may write (the hooks run as that user).
+pub(crate) struct AlertSink {
+    dir: tempfile::TempDir,
+    /// What the alert command appends to, one JSON line per event.
+    pub file: std::path::PathBuf,
+}
+
+impl AlertSink {
+    pub(crate) fn new() -> AlertSink {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let file = dir.path().join("alerts.jsonl");
+        AlertSink { dir, file }
+    }
+
+    /// `WALCORE_ALERT_COMMAND` (appending to [`AlertSink::file`]) and `WALCORE_ALERT_STATE`.
+    pub(crate) fn env(&self) -> [(String, String); 2] {
+        [
+            (
+                "WALCORE_ALERT_COMMAND".to_string(),
+                format!("cat >> {}", self.file.display()),
+            ),
+            (
+                "WALCORE_ALERT_STATE".to_string(),
+                self.dir.path().join("state").display().to_string(),
+            ),
+        ]
+    }
+}
+
 /// The JSON lines an alert command appended to `file`.
 pub(crate) fn events(file: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(file)
@@ -216,21 +248,11 @@ fn metrics_say_what_status_says_and_serve_follows_the_repository() {
     insert_batch(&src, "pre", 200);
     // serve alerts too: on a backup older than a second (at once), and on the repository
     // becoming unreadable (below).
-    let sink = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let alerts = sink.path().join("alerts.jsonl");
+    let sink = AlertSink::new();
+    let alerts = sink.file.clone();
     let mut tool_env = env.clone();
-    tool_env.extend([
-        (
-            "WALCORE_ALERT_COMMAND".to_string(),
-            format!("cat >> {}", alerts.display()),
-        ),
-        (
-            "WALCORE_ALERT_STATE".to_string(),
-            sink.path().join("state").display().to_string(),
-        ),
-        ("WALCORE_ALERT_BACKUP_AGE".to_string(), "1s".to_string()),
-    ]);
+    tool_env.extend(sink.env());
+    tool_env.extend([("WALCORE_ALERT_BACKUP_AGE".to_string(), "1s".to_string())]);
     let tool = Tool::walcore(&src, tool_env);
 
     // Before any backup: the exposition is valid, and says there is none.

@@ -4,7 +4,6 @@
 //! object of another key, a segment of another cluster), each reported with its key, its kind
 //! and what it costs, on `file://` and on S3, encrypted.
 
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use walcore_e2e::repo::{Codec, KEY_1, KEY_2, flip_byte, wal_key};
@@ -196,18 +195,9 @@ fn verify_faults(repo: &Repo) {
     let (status, report) = verify(&tool, &[]);
     assert_eq!(status, Some(5), "damage exits 5:\n{report:#}");
     // Damage alerts (condition verify), as a failed verify does.
-    let sink = tempfile::tempdir().expect("temp dir");
-    std::fs::set_permissions(sink.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
-    let alerts = sink.path().join("alerts.jsonl");
+    let sink = crate::metrics::AlertSink::new();
     let mut alert_env = tool.env.clone();
-    alert_env.push((
-        "WALCORE_ALERT_COMMAND".into(),
-        format!("cat >> {}", alerts.display()),
-    ));
-    alert_env.push((
-        "WALCORE_ALERT_STATE".into(),
-        sink.path().join("state").display().to_string(),
-    ));
+    alert_env.extend(sink.env());
     let alerting = Tool {
         program: tool.program.clone(),
         env: alert_env,
@@ -215,7 +205,7 @@ fn verify_faults(repo: &Repo) {
     };
     let (status, _) = verify(&alerting, &["--index"]);
     assert_eq!(status, Some(5));
-    let fired = crate::metrics::events(&alerts);
+    let fired = crate::metrics::events(&sink.file);
     assert!(
         fired
             .iter()
