@@ -643,6 +643,48 @@ pub fn serve(global: Global, args: crate::serve::ServeArgs) -> u8 {
     })
 }
 
+/// Prints the effective configuration (`walcore config`): every setting that is set, its
+/// value (secrets redacted) and where it came from; returns the exit code.
+pub fn config(global: Global) -> u8 {
+    let (flags, json) = flags(global);
+    let config = match walcore::config::Config::load(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            walcore::ops::init_logging("info", json);
+            tracing::error!("{e:#}");
+            return exit::code(Hook::Backup, e.kind());
+        }
+    };
+    if json {
+        let value = serde_json::json!({
+            "config_file": config.config_file,
+            "settings": config.settings,
+        });
+        return match print_json(&value) {
+            Ok(()) => 0,
+            Err(e) => exit::code(Hook::Backup, e.kind()),
+        };
+    }
+    match &config.config_file {
+        Some(f) => println!("configuration file: {f}"),
+        None => println!(
+            "configuration file: none (WALCORE_CONFIG is not set and {} does not exist)",
+            walcore::config::DEFAULT_CONFIG_FILE
+        ),
+    }
+    let width = config
+        .settings
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0);
+    for s in &config.settings {
+        println!("{:<width$}  {}  ({})", s.name, s.value, s.origin);
+    }
+    println!("everything else: its default (README, \"Set it up\")");
+    0
+}
+
 /// Rebuilds the repository index from the objects alone (`walcore reindex`); returns the exit
 /// code.
 pub fn reindex(global: Global) -> u8 {

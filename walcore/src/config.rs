@@ -20,8 +20,11 @@
 //! | bytes of WAL prefetched during recovery (0: off) | `WALCORE_PREFETCH` | `256MiB` |
 //! | spool directory for look-ahead and prefetch | `WALCORE_SPOOL` | `<data dir>/pgsql_tmp_walcore` |
 //!
-//! Cloud credentials and endpoints are not walcore settings: they come from the variables the
-//! cloud's own tools read (`AWS_ACCESS_KEY_ID`, `AWS_REGION`, `AWS_ENDPOINT_URL`, …).
+//! The file is `/etc/walcore/walcore.toml` when `WALCORE_CONFIG` is not set and it exists.
+//! Cloud credentials and endpoints go in its section for the store (`[s3]`, `[gcs]`,
+//! `[azure]`: [`CLOUD_KEYS`]); the variables the cloud's own tools read (`AWS_ACCESS_KEY_ID`,
+//! `AWS_REGION`, `AWS_ENDPOINT_URL`, …) fill in what the section does not set. A file that
+//! holds any secret is refused when others may read it.
 //!
 //! Secrets stay inside their types:
 //! - An unknown `WALCORE_*` variable is an error naming the closest known one, as an unknown
@@ -86,6 +89,68 @@ pub const KEYS: &[&str] = &[
     "alert_ready_age",
     "alert_stream_grace",
 ];
+
+/// Whether setting `key` (a key of [`KEYS`], or `SECTION.NAME` of [`CLOUD_KEYS`]) is secret.
+pub fn is_secret(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+        || key.split_once('.').is_some_and(|(section, name)| {
+            CLOUD_KEYS
+                .iter()
+                .any(|(sec, n, _, secret)| *sec == section && *n == name && *secret)
+        })
+}
+
+/// The store settings a configuration file may hold, in sections named after the store:
+/// section, name in the file, the `object_store` key it sets, and whether it is a secret.
+/// Only the section of the repository's store is applied; the file's values win over the
+/// variables the clouds' tools read (`AWS_*`, `GOOGLE_*`, `AZURE_*`), which still fill in the
+/// rest.
+pub const CLOUD_KEYS: &[(&str, &str, &str, bool)] = &[
+    ("s3", "access_key_id", "aws_access_key_id", false),
+    ("s3", "secret_access_key", "aws_secret_access_key", true),
+    ("s3", "session_token", "aws_session_token", true),
+    ("s3", "region", "aws_region", false),
+    ("s3", "endpoint", "aws_endpoint", false),
+    ("s3", "allow_http", "allow_http", false),
+    ("gcs", "service_account", "google_service_account", false),
+    (
+        "gcs",
+        "service_account_key",
+        "google_service_account_key",
+        true,
+    ),
+    ("azure", "account", "azure_storage_account_name", false),
+    ("azure", "access_key", "azure_storage_account_key", true),
+    ("azure", "sas_token", "azure_storage_sas_key", true),
+    ("azure", "endpoint", "azure_storage_endpoint", false),
+    ("azure", "use_emulator", "azure_storage_use_emulator", false),
+    ("azure", "allow_http", "allow_http", false),
+];
+
+/// The section of [`CLOUD_KEYS`] that applies to a repository URL's scheme.
+fn cloud_section(repo: &str) -> Option<&'static str> {
+    let scheme = repo.split_once("://")?.0;
+    match scheme {
+        "s3" | "s3a" => Some("s3"),
+        "gs" => Some("gcs"),
+        "az" | "azure" | "abfs" | "abfss" => Some("azure"),
+        _ => None,
+    }
+}
+
+/// Where the configuration file is when `WALCORE_CONFIG` does not say (read only if present).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/walcore/walcore.toml";
+
+/// A repository given as a plain absolute path, as the `file://` URL it means; anything else
+/// as it is.
+fn file_url_of_path(repo: &str) -> String {
+    if repo.starts_with('/')
+        && let Ok(url) = url::Url::from_file_path(repo)
+    {
+        return url.to_string();
+    }
+    repo.to_string()
+}
 
 /// Settings whose values are secret: never shown by `Debug` or in a message. The key command
 /// is not a secret itself, but a command such as `echo <key>` would be.
@@ -216,7 +281,7 @@ impl fmt::Debug for Layer {
         let mut m = f.debug_map();
         for (key, value) in &self.values {
             let origin = self.origin.get(key).map_or(key.as_str(), String::as_str);
-            if SECRET_KEYS.contains(&key.as_str()) {
+            if is_secret(key) {
                 m.entry(&key, &format_args!("<redacted> (from {origin})"));
             } else {
                 m.entry(&key, &format_args!("{value:?} (from {origin})"));
@@ -241,6 +306,58 @@ impl Layer {
             self.values.insert(key.into(), v.into());
             self.origin.insert(key.into(), flag.into());
         }
+    }
+
+    /// The settings of store section `section` (`[s3]`, `[gcs]`, `[azure]`) of file `path`.
+    fn add_section(&mut self, path: &str, section: &str, table: toml::Table) -> Result<(), String> {
+        for (name, value) in table {
+            let Some((_, _, key, _)) = CLOUD_KEYS
+                .iter()
+                .find(|(sec, n, ..)| *sec == section && *n == name)
+            else {
+                let known: Vec<&str> = CLOUD_KEYS
+                    .iter()
+                    .filter(|(sec, ..)| *sec == section)
+                    .map(|(_, n, ..)| *n)
+                    .collect();
+                let shown = if name.len() <= 40 && !looks_like_key_material(&name) {
+                    format!("unknown setting '{name}' in [{section}]")
+                } else {
+                    format!("an unknown setting in [{section}]")
+                };
+                return Err(match closest(&name, known.iter().copied()) {
+                    Some(k) => format!("{shown} (did you mean '{k}'?)"),
+                    None => format!("{shown} (known: {})", known.join(", ")),
+                });
+            };
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "'{name}' in [{section}] must be a string, an integer or a boolean, \
+                         not {}",
+                        other.type_str()
+                    ));
+                }
+            };
+            let id = format!("{section}.{name}");
+            self.origin
+                .insert(id.clone(), format!("{name} in [{section}] of {path}"));
+            self.values.insert(id, text);
+            let _ = key;
+        }
+        Ok(())
+    }
+
+    /// Whether this layer holds a secret: a key, an alert destination, a cloud credential.
+    fn secrets(&self) -> Vec<&str> {
+        self.values
+            .keys()
+            .filter(|k| is_secret(k))
+            .map(|k| self.origin.get(k).map_or(k.as_str(), String::as_str))
+            .collect()
     }
 
     /// The `WALCORE_*` variables found through `lookup`.
@@ -268,7 +385,8 @@ impl Layer {
         let table: toml::Table = toml::from_str(text).map_err(|e| bad(toml_error(text, &e)))?;
         let mut layer = Layer::default();
         for (key, value) in table {
-            if !KEYS.contains(&key.as_str()) {
+            let is_section = CLOUD_KEYS.iter().any(|(sec, ..)| *sec == key);
+            if !KEYS.contains(&key.as_str()) && !is_section {
                 // The name is shown only when it looks like a setting's name: a key pasted on a
                 // line of its own parses as a name too.
                 let shown = if key.len() <= 40 && !looks_like_key_material(&key) {
@@ -285,6 +403,10 @@ impl Layer {
             let text = match value {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Table(t) if CLOUD_KEYS.iter().any(|(sec, ..)| *sec == key) => {
+                    layer.add_section(path, &key, t).map_err(bad)?;
+                    continue;
+                }
                 other => {
                     return Err(bad(format!(
                         "'{key}' must be a string or an integer, not {}",
@@ -362,6 +484,12 @@ fn looks_like_key_material(text: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub repo: String,
+    /// The store settings of the configuration file's section for the repository's store, by
+    /// `object_store` key (secrets among them: never shown).
+    pub cloud_options: CloudOptions,
+    /// Every setting as `walcore config` shows it: secrets redacted, with where each came
+    /// from.
+    pub settings: Vec<Shown>,
     pub compression: Compression,
     pub key: Option<Arc<MasterKey>>,
     pub retry_time: Duration,
@@ -436,7 +564,56 @@ struct Resolver {
     layers: Vec<Layer>,
 }
 
+/// Store settings by `object_store` key; `Debug` shows the keys, never the values.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CloudOptions(pub Vec<(String, String)>);
+
+impl fmt::Debug for CloudOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<redacted>")))
+            .finish()
+    }
+}
+
+/// One effective setting, for `walcore config`: its name (`repo`, `s3.region`), its value
+/// (`<redacted>` for a secret), and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Shown {
+    pub name: String,
+    pub value: String,
+    pub origin: String,
+}
+
 impl Resolver {
+    /// The settings that are set, in [`KEYS`] order, then the store section of `repo`.
+    fn shown(&self, repo: &str) -> Vec<Shown> {
+        let section = cloud_section(repo);
+        let cloud = CLOUD_KEYS
+            .iter()
+            .filter(|(sec, ..)| Some(*sec) == section)
+            .map(|(sec, name, ..)| format!("{sec}.{name}"));
+        KEYS.iter()
+            .map(|k| (*k).to_owned())
+            .chain(cloud)
+            .filter_map(|name| {
+                let (value, origin) = self.get(&name)?;
+                let value = if is_secret(&name) {
+                    "<redacted>".to_owned()
+                } else if name == "repo" {
+                    file_url_of_path(value)
+                } else {
+                    value.to_owned()
+                };
+                Some(Shown {
+                    value,
+                    origin: origin.to_owned(),
+                    name,
+                })
+            })
+            .collect()
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> Option<(&'a str, &'a str)> {
         self.layers.iter().find_map(|l| {
             l.values
@@ -461,34 +638,40 @@ impl Resolver {
 
 impl Config {
     /// Resolves the configuration from command-line `flags`, the process environment and the
-    /// `WALCORE_CONFIG` file. An unknown `WALCORE_*` variable is an error ([`check_env_names`]).
+    /// `WALCORE_CONFIG` file ([`DEFAULT_CONFIG_FILE`] when that is not set and it exists). An
+    /// unknown `WALCORE_*` variable is an error ([`check_env_names`]).
     pub fn load(flags: Layer) -> Result<Config, Error> {
         check_env_names(std::env::vars_os().map(|(name, _)| name))?;
-        Config::load_with(flags, |name| std::env::var(name).ok())
+        Config::load_from(flags, |name| std::env::var(name).ok(), DEFAULT_CONFIG_FILE)
     }
 
     /// [`Config::load`] with another environment (for tests and embedding programs); does not
-    /// check for unknown variables, which `env` cannot list.
+    /// check for unknown variables, which `env` cannot list, nor read [`DEFAULT_CONFIG_FILE`]
+    /// (only the file `WALCORE_CONFIG` names).
     pub fn load_with(flags: Layer, env: impl Fn(&str) -> Option<String>) -> Result<Config, Error> {
+        Config::load_from(flags, env, "")
+    }
+
+    /// [`Config::load_with`], with `default_file` read when `WALCORE_CONFIG` names no file
+    /// and it exists.
+    pub fn load_from(
+        flags: Layer,
+        env: impl Fn(&str) -> Option<String>,
+        default_file: &str,
+    ) -> Result<Config, Error> {
         let mut layers = vec![flags, Layer::from_env(&env)];
-        let config_file = env("WALCORE_CONFIG").filter(|p| !p.is_empty());
+        let config_file = env("WALCORE_CONFIG").filter(|p| !p.is_empty()).or_else(|| {
+            (!default_file.is_empty() && std::path::Path::new(default_file).exists())
+                .then(|| default_file.to_owned())
+        });
         if let Some(path) = config_file.clone() {
-            // The file may hold the key: its text is wiped once parsed.
-            let text = std::fs::read_to_string(&path)
-                .map(Zeroizing::new)
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Configuration,
-                        format!("WALCORE_CONFIG: cannot read {path}: {e}"),
-                    )
-                })?;
-            layers.push(Layer::from_toml(&path, &text)?);
+            layers.push(read_config_file(&path)?);
         }
         let r = Resolver { layers };
 
         let repo = r
             .get("repo")
-            .map(|(v, _)| v.to_string())
+            .map(|(v, _)| file_url_of_path(v))
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Configuration,
@@ -633,8 +816,25 @@ impl Config {
         } else {
             KeySource::None
         };
+        let cloud_options = CloudOptions(
+            cloud_section(&repo)
+                .map(|section| {
+                    CLOUD_KEYS
+                        .iter()
+                        .filter(|(sec, ..)| *sec == section)
+                        .filter_map(|(sec, name, key, _)| {
+                            let id = format!("{sec}.{name}");
+                            r.get(&id).map(|(v, _)| ((*key).to_owned(), v.to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        );
+        let shown = r.shown(&repo);
         Ok(Config {
             repo,
+            cloud_options,
+            settings: shown,
             compression,
             key,
             retry_time,
@@ -664,6 +864,7 @@ impl Config {
         StoreOptions {
             retry_time: self.retry_time,
             request_timeout: self.request_timeout,
+            cloud_options: self.cloud_options.0.clone(),
             ..StoreOptions::default()
         }
     }
@@ -763,6 +964,35 @@ pub fn key_file_mode_problem(mode: u32, owner_uid: u32) -> Option<String> {
             "its group"
         }
     ))
+}
+
+/// Reads and parses the configuration file `path`. One that holds a secret (a key, an alert
+/// destination, a store credential) is refused when others may read it, by the rule for key
+/// files ([`key_file_mode_problem`]), as libpq refuses such a `.pgpass`. Its text is wiped
+/// once parsed.
+fn read_config_file(path: &str) -> Result<Layer, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let conf = |msg: String| Error::new(ErrorKind::Configuration, msg);
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| conf(format!("cannot read the configuration file {path}: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| conf(format!("cannot read the configuration file {path}: {e}")))?;
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text)
+        .map_err(|e| conf(format!("cannot read the configuration file {path}: {e}")))?;
+    let layer = Layer::from_toml(path, &text)?;
+    let secrets = layer.secrets();
+    if let (Some(first), Some(problem)) = (
+        secrets.first(),
+        key_file_mode_problem(meta.mode(), meta.uid()),
+    ) {
+        return Err(conf(format!(
+            "the configuration file {path} holds a secret ({first}) and {problem}: run chmod \
+             600 {path}, or make it owned by root, group postgres, mode 0640"
+        )));
+    }
+    Ok(layer)
 }
 
 /// Reads a key file, refusing one that others may read ([`key_file_mode_problem`]); the
@@ -986,6 +1216,12 @@ mod tests {
         )
         .expect("config");
         assert_eq!(c.repo, "file:///flag");
+        assert_eq!(
+            file_url_of_path("/var/lib/walcore"),
+            "file:///var/lib/walcore"
+        );
+        assert_eq!(file_url_of_path("/srv/my repo"), "file:///srv/my%20repo");
+        assert_eq!(file_url_of_path("s3://b/p"), "s3://b/p");
         assert_eq!(c.retry_time, Duration::from_secs(5));
         assert_eq!(c.compression, Compression::default());
         assert!(c.key.is_none());
@@ -1195,6 +1431,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w.toml");
         std::fs::write(&path, format!("encryption_key = \"{SECRET_HEX}\"\n")).expect("write");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
         let c = Config::load_with(
             Layer::default(),
             env_of(vars(&[
@@ -1501,6 +1739,102 @@ mod tests {
         )
         .expect_err("negative count");
         assert!(e.to_string().contains("WALCORE_KEEP_LAST"), "{e}");
+    }
+
+    /// A configuration file with `text`, mode `mode`; the directory keeps it alive.
+    fn config_file(text: &str, mode: u32) -> (tempfile::TempDir, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("walcore.toml");
+        std::fs::write(&path, text).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        (dir, path.display().to_string())
+    }
+
+    fn load_file(path: &str) -> Result<Config, Error> {
+        Config::load_with(
+            Layer::default(),
+            env_of(vec![("WALCORE_CONFIG".to_owned(), path.to_owned())]),
+        )
+    }
+
+    const STORE_FILE: &str = "repo = \"s3://bkt/db1\"\n\
+        [s3]\naccess_key_id = \"AKID\"\nsecret_access_key = \"s3cr3t-Vq8ZpL\"\n\
+        region = \"eu-west-1\"\nallow_http = true\n\
+        [azure]\naccount = \"acct\"\naccess_key = \"az-s3cr3t\"\n";
+
+    #[test]
+    fn the_store_section_of_the_repository_is_applied_and_its_secrets_never_shown() {
+        let (_dir, path) = config_file(STORE_FILE, 0o600);
+        let c = load_file(&path).expect("load");
+        let keys: Vec<&str> = c.cloud_options.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "aws_access_key_id",
+                "aws_secret_access_key",
+                "aws_region",
+                "allow_http"
+            ]
+        );
+        assert!(c.store_options().cloud_options.contains(&(
+            "aws_secret_access_key".to_owned(),
+            "s3cr3t-Vq8ZpL".to_owned()
+        )));
+        let shown = format!("{c:?}{:?}", c.settings);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let secret = c
+            .settings
+            .iter()
+            .find(|s| s.name == "s3.secret_access_key")
+            .expect("shown");
+        assert_eq!(secret.value, "<redacted>");
+        assert!(secret.origin.contains("[s3]"), "{secret:?}");
+        assert!(
+            c.settings.iter().all(|s| !s.name.starts_with("azure.")),
+            "only the repository's store section: {:?}",
+            c.settings
+        );
+    }
+
+    #[test]
+    fn a_readable_file_with_a_secret_is_refused_by_name_and_mode() {
+        let (_dir, path) = config_file(STORE_FILE, 0o644);
+        let text = load_file(&path).expect_err("refused").to_string();
+        assert!(
+            text.contains(&path) && text.contains("0644") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        // Without a secret, the mode does not matter.
+        let (_dir, path) = config_file("repo = \"s3://bkt/db1\"\n[s3]\nregion = \"x\"\n", 0o644);
+        load_file(&path).expect("no secret, no rule");
+    }
+
+    #[test]
+    fn an_unknown_store_setting_is_named_with_the_closest_one() {
+        let (_dir, path) = config_file(
+            "repo = \"s3://bkt/db1\"\n[s3]\nsecret_acces_key = \"x\"\n",
+            0o600,
+        );
+        let text = load_file(&path).expect_err("unknown").to_string();
+        assert!(
+            text.contains("secret_access_key") && text.contains("[s3]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_plain_path_is_a_file_url_and_the_default_file_is_read_when_none_is_named() {
+        let c = Config::load_with(Layer::default(), env(&[("WALCORE_REPO", "/srv/wal")]))
+            .expect("load");
+        assert_eq!(c.repo, "file:///srv/wal");
+        let (_dir, path) = config_file("repo = \"/srv/from-default\"\n", 0o644);
+        let c = Config::load_from(Layer::default(), |_| None, &path).expect("load");
+        assert_eq!(c.repo, "file:///srv/from-default");
+        assert_eq!(c.config_file.as_deref(), Some(path.as_str()));
+        let missing = format!("{path}.absent");
+        let e = Config::load_from(Layer::default(), |_| None, &missing).expect_err("no repo");
+        assert!(e.to_string().contains("no repository configured"), "{e}");
     }
 
     #[test]

@@ -79,6 +79,9 @@ enum Operator {
     /// newest WAL stored), and keeps the report in the repository for status and metrics.
     /// Exits 0 when the drill passed.
     Drill(basebackup::drill::DrillArgs),
+    /// Print the effective configuration: every setting that is set, where it came from (a
+    /// flag, a WALCORE_* variable, the configuration file), secrets shown as <redacted>.
+    Config,
 }
 
 fn main() -> ExitCode {
@@ -95,5 +98,6 @@ fn main() -> ExitCode {
         Operator::Metrics(server) => commands::metrics(args.global, server),
         Operator::Serve(serve) => commands::serve(args.global, serve),
         Operator::Drill(drill) => basebackup::drill::run(args.global, drill),
+        Operator::Config => commands::config(args.global),
     })
 }

@@ -10,6 +10,7 @@ mod archive_matrix;
 mod backup;
 mod backup_failures;
 mod check;
+mod config_file;
 mod deploy;
 mod downloads;
 mod drill;

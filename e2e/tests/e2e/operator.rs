@@ -26,9 +26,49 @@ fn walcore_help_lists_every_repository_command() {
         .take_while(|l| l.starts_with("  "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    for want in ["take", "list", "show", "restore", "pin", "unpin"] {
+    for want in [
+        "take", "list", "show", "restore", "pin", "unpin", "expire", "verify", "check", "stream",
+        "status", "metrics", "serve", "drill",
+    ] {
         assert!(commands.contains(&want), "no {want} in:\n{}", out.stdout);
     }
+}
+
+#[test]
+fn a_plain_path_is_a_file_repository_and_a_missing_root_says_what_to_create() {
+    let repo = Repo::file();
+    let root: std::path::PathBuf = repo.path("").components().collect();
+    let mut env = repo.env(&Codec::default());
+    for (name, value) in &mut env {
+        if name == "WALCORE_REPO" {
+            *value = root.display().to_string();
+        }
+    }
+    let src = Cluster::archiving_into(&env);
+    create_table(&src);
+    let name = src.switch_wal();
+    src.wait_archived(&name, ARCHIVE_WAIT);
+    assert!(
+        repo.keys().contains(&walcore_e2e::repo::wal_key(&name)),
+        "{name} is not in {}",
+        root.display()
+    );
+
+    let missing = root.join("never-made");
+    let mut cmd = bins::clean_command(
+        &bins::bin(bins::WALCORE),
+        &[("WALCORE_REPO".into(), missing.display().to_string())],
+    );
+    cmd.arg("status");
+    let out = sys::run(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(8), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("does not exist")
+            && out.stderr.contains("install -d -m 0700 -o ")
+            && out.stderr.contains(&missing.display().to_string()),
+        "{}",
+        out.stderr
+    );
 }
 
 /// The `pinned`/`pin_note` of backup `id` in `list --json`.

@@ -73,10 +73,12 @@ pub fn restore_command_for(config: &Config, program: &Path) -> (String, Option<S
     }
     words.push(sh_quote(&program.to_string_lossy()));
     words.push("%f %p".to_owned());
-    if !config.repo.starts_with("file://") {
+    // Credentials from the configuration file come with WALCORE_CONFIG; from variables, not.
+    if !config.repo.starts_with("file://") && config.cloud_options.0.is_empty() {
         let creds = "the store's credentials and endpoint (AWS_*, GOOGLE_*, AZURE_* variables) \
                      are not written into restore_command: PostgreSQL's environment must carry \
-                     them when it starts";
+                     them when it starts, or put them in the configuration file ([s3], [gcs], \
+                     [azure] sections)";
         note = Some(match note {
             Some(n) => format!("{n}; {creds}"),
             None => creds.to_owned(),

@@ -109,6 +109,30 @@ impl LocalStore {
         Ok((owner.uid != 0).then_some(owner))
     }
 
+    /// What is wrong with the root, as a message that says what to do about it.
+    fn root_problem(&self, e: &io::Error) -> String {
+        let root = self.root.display();
+        if e.kind() != io::ErrorKind::NotFound {
+            return format!("repository root {root}: {e}");
+        }
+        let user = if running_as_root() {
+            "the user PostgreSQL runs as (usually postgres)".to_owned()
+        } else {
+            let uid = rustix::process::geteuid().as_raw();
+            crate::owner::user_name(uid).unwrap_or_else(|| format!("uid {uid}"))
+        };
+        let owner = if running_as_root() {
+            "postgres".to_owned()
+        } else {
+            user.clone()
+        };
+        format!(
+            "repository root {root} does not exist (or its file system is not mounted): create \
+             it, owned by {user}, who runs archive_command and walcore: install -d -m 0700 -o \
+             {owner} {root}"
+        )
+    }
+
     /// Opens an object for reading. `NotFound` only when the file is absent and the repository
     /// root itself is there (an unmounted or missing root is an error, not an absence).
     pub fn open(&self, key: &str) -> Result<File, StoreError> {
@@ -120,10 +144,7 @@ impl LocalStore {
                     "repository root {} is not a directory",
                     self.root.display()
                 ))),
-                Err(e) => Err(StoreError::Permanent(format!(
-                    "repository root {}: {e}",
-                    self.root.display()
-                ))),
+                Err(e) => Err(StoreError::Permanent(self.root_problem(&e))),
             },
             Err(e) => Err(io_error(e)),
         }
@@ -161,12 +182,9 @@ impl LocalStore {
             .parent()
             .ok_or_else(|| PutError::Store(StoreError::Permanent(format!("bad key {key}"))))?
             .to_path_buf();
-        let owner = self.new_owner().map_err(|e| {
-            PutError::Store(StoreError::Permanent(format!(
-                "repository root {}: {e}",
-                self.root.display()
-            )))
-        })?;
+        let owner = self
+            .new_owner()
+            .map_err(|e| PutError::Store(StoreError::Permanent(self.root_problem(&e))))?;
         create_dir_durable(&dir, &self.root, owner).map_err(|e| PutError::Store(io_error(e)))?;
         let file_name = target
             .file_name()
