@@ -170,7 +170,21 @@ pub async fn drill(repo: &Repository, options: &DrillOptions) -> DrillReport {
     let scratch = options.scratch_parent.join(scratch_name(started));
     report.scratch = scratch.display().to_string();
     let mut server = None;
-    let result = run(repo, options, &scratch, &mut report, &mut server).await;
+    let result = match tokio::time::timeout(
+        options.timeout,
+        run(repo, options, &scratch, &mut report, &mut server),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(Failure {
+            phase: phase_at_timeout(&report),
+            error: format!(
+                "the drill did not finish within its time limit ({:?}; --timeout)",
+                options.timeout
+            ),
+        }),
+    };
     let stopped = match server.take() {
         Some(s) => s.stop().await,
         None => Ok(()),
@@ -351,6 +365,21 @@ async fn run(
     }
     report.query_output = Some(output);
     Ok(())
+}
+
+/// The phase a drill was in when its time ran out: the first without a duration.
+fn phase_at_timeout(report: &DrillReport) -> &'static str {
+    if report.backup.is_none() {
+        "plan"
+    } else if report.download_seconds.is_none() {
+        "download"
+    } else if report.start_seconds.is_none() {
+        "start"
+    } else if report.recovery_seconds.is_none() {
+        "recovery"
+    } else {
+        "query"
+    }
 }
 
 /// A duration in seconds, to the millisecond (so that the parts of the RTO add up as shown).
@@ -893,6 +922,17 @@ mod tests {
             .outcome()
             .is_ok()
         );
+    }
+
+    #[test]
+    fn a_timeout_is_blamed_on_the_phase_that_was_running() {
+        let mut r = DrillReport::default();
+        assert_eq!(phase_at_timeout(&r), "plan");
+        r.backup = Some("B".into());
+        assert_eq!(phase_at_timeout(&r), "download");
+        r.download_seconds = Some(1.0);
+        r.start_seconds = Some(1.0);
+        assert_eq!(phase_at_timeout(&r), "recovery");
     }
 
     #[test]
