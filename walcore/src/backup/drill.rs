@@ -312,7 +312,9 @@ async fn run(
         ]
         .into_iter()
         .flatten()
-        .sum::<f64>(),
+        .map(|s| (s * 1000.0).round() as u64)
+        .sum::<u64>() as f64
+            / 1000.0,
     );
 
     let last_commit = live
