@@ -795,8 +795,7 @@ pub async fn save(repo: &Repository, report: &DrillReport) -> Result<String, Err
 }
 
 fn is_report_key(key: &str) -> bool {
-    key.strip_prefix(PREFIX)
-        .is_some_and(|n| n.len() == 29 && n.as_bytes()[8] == b'T')
+    crate::lifecycle::index::is_timed_name(PREFIX, key)
 }
 
 /// The newest drill report; `None` when no drill ran (or its report cannot be read).

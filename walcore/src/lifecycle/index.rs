@@ -157,6 +157,12 @@ fn is_index_key(key: &str) -> bool {
     })
 }
 
+/// Whether `key` is a name [`next_name`] makes under `prefix`.
+pub(crate) fn is_timed_name(prefix: &str, key: &str) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|n| n.len() == 29 && n.as_bytes()[8] == b'T')
+}
+
 /// A new name `PREFIX` + `YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX` that sorts after every name in `old`
 /// (the newest wins by name): the later of `now` and one millisecond after the newest old
 /// name's time, then random digits. Two objects written in the same millisecond must not

@@ -1456,8 +1456,7 @@ struct Written {
 
 /// Ledger names: `verify/YYYYMMDDTHHMMSS.mmmZ-XXXXXXXX`, like pin events.
 fn is_ledger_key(key: &str) -> bool {
-    key.strip_prefix(LEDGER_PREFIX)
-        .is_some_and(|n| n.len() == 29 && n.as_bytes()[8] == b'T')
+    super::index::is_timed_name(LEDGER_PREFIX, key)
 }
 
 /// Writes the ledger of everything verified so far; the older ledgers go. Best effort: a
